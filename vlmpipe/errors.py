@@ -1,0 +1,51 @@
+"""User-facing errors and the wrapper every stage's ``main()`` runs under.
+
+A ``UserError`` is a mistake the user can fix (bad param, malformed CSV,
+corrupt archive, missing upstream output). It is reported as one line naming
+the file, row or key, with no traceback, and the process exits non-zero.
+Anything else is a bug in vlmpipe and keeps its traceback.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # Third-party libraries are chatty at INFO; keep the stage's own log readable.
+    for noisy in ("urllib3", "botocore", "filelock", "httpx", "alembic", "mlflow", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stage_entry(fn: Callable[..., object]) -> Callable[..., int]:
+    """Run ``fn`` as a command-line stage: one-line errors, exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        setup_logging()
+        try:
+            fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return 0
+
+    return wrapper

@@ -1,0 +1,357 @@
+"""Typed, validated pipeline parameters.
+
+``params.yaml`` has one section per stage plus top-level ``seed`` and ``lr``
+(the Phi-2 QLoRA learning rate, so ``dvc exp run -S lr=1e-4`` works). It is
+loaded into the dataclasses below and checked before a stage does any work:
+an unknown key, a wrong type or an out-of-range value is a ``UserError`` whose
+one line names the key (``siglip.lr: expected a number, got '1e-4' ...``).
+
+Presets (``presets/*.yaml``) are complete params files with the same schema;
+nothing in the code branches on which preset is in use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmpipe.errors import UserError
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise UserError(f"{key}: {msg}")
+
+
+@dataclass
+class CocoParams:
+    # "synthetic": the offline shapes world written in COCO 2017 format;
+    # "coco2017": the official archives.
+    source: str = "synthetic"
+    # Images per split to keep (deterministic subset); 0 keeps all.
+    max_images: int = 0
+    synthetic_train_images: int = 2000
+    synthetic_val_images: int = 250
+    image_size: int = 64
+
+    def validate(self, key: str) -> None:
+        _check(self.source in ("synthetic", "coco2017"), f"{key}.source", f"must be 'synthetic' or 'coco2017', got {self.source!r}")
+        _check(self.max_images >= 0, f"{key}.max_images", "must be >= 0")
+        _check(self.synthetic_train_images > 0, f"{key}.synthetic_train_images", "must be > 0")
+        _check(self.synthetic_val_images > 0, f"{key}.synthetic_val_images", "must be > 0")
+        _check(32 <= self.image_size <= 1024, f"{key}.image_size", "must be between 32 and 1024")
+
+
+@dataclass
+class CifarParams:
+    # "synthetic": generated 10-class shapes in CIFAR-10 batch format;
+    # "cifar10": the official python tarball.
+    source: str = "synthetic"
+    synthetic_train_per_class: int = 500
+    synthetic_test_per_class: int = 100
+
+    def validate(self, key: str) -> None:
+        _check(self.source in ("synthetic", "cifar10"), f"{key}.source", f"must be 'synthetic' or 'cifar10', got {self.source!r}")
+        _check(self.synthetic_train_per_class > 0, f"{key}.synthetic_train_per_class", "must be > 0")
+        _check(self.synthetic_test_per_class > 0, f"{key}.synthetic_test_per_class", "must be > 0")
+
+
+@dataclass
+class QaParams:
+    # Empty: generate data/cifar_qa.csv. A path: validate and use that CSV.
+    csv_path: str = ""
+    questions_per_image: int = 5
+
+    def validate(self, key: str) -> None:
+        _check(1 <= self.questions_per_image <= 5, f"{key}.questions_per_image", "must be between 1 and 5")
+
+
+@dataclass
+class TrainParams:
+    """Settings of the shared training loop, one block per training stage."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    # Save a resumable checkpoint every this many optimizer steps (0: only at the end).
+    checkpoint_every: int = 50
+    # "auto" picks CUDA when present, else CPU.
+    device: str = "auto"
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
+        _check(0 < self.lr < 1, f"{key}.lr", f"must be in (0, 1), got {self.lr}")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", "must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0")
+        _check(self.device in ("auto", "cpu", "cuda"), f"{key}.device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass
+class SiglipParams:
+    # "resnet_small" (widths 16/32/64/128, trains in seconds per epoch on CPU),
+    # "resnet18" or "resnet50" (torchvision).
+    backbone: str = "resnet_small"
+    # Load ImageNet weights for torchvision backbones (needs the weights cached).
+    pretrained: bool = False
+    # Images are resized to this side before the tower (224 for ImageNet ResNets).
+    image_size: int = 32
+    embed_dim: int = 512
+    # "small": a transformer text encoder trained jointly. Anything else is a
+    # Hugging Face model id or path: frozen, masked mean-pooled, projected.
+    text_encoder: str = "small"
+    text_width: int = 128
+    text_layers: int = 2
+    text_max_tokens: int = 32
+    # The temperature and bias learn this many times faster than the towers.
+    logit_lr_mult: float = 10.0
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=12, batch_size=128, lr=2e-3, warmup_ratio=0.05))
+
+    def validate(self, key: str) -> None:
+        _check(self.backbone in ("resnet_small", "resnet18", "resnet50"), f"{key}.backbone", f"unknown backbone {self.backbone!r}")
+        _check(16 <= self.image_size <= 512, f"{key}.image_size", "must be between 16 and 512")
+        _check(self.embed_dim >= 8, f"{key}.embed_dim", "must be >= 8")
+        _check(self.text_width >= 8, f"{key}.text_width", "must be >= 8")
+        _check(self.text_layers >= 1, f"{key}.text_layers", "must be >= 1")
+        _check(self.text_max_tokens >= 4, f"{key}.text_max_tokens", "must be >= 4")
+        _check(self.logit_lr_mult > 0, f"{key}.logit_lr_mult", "must be > 0")
+
+
+@dataclass
+class EmbeddingsParams:
+    batch_size: int = 256
+    device: str = "auto"
+
+    def validate(self, key: str) -> None:
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _check(self.device in ("auto", "cpu", "cuda"), f"{key}.device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass
+class TinyLMParams:
+    """A small random-init language model built offline in place of a hub model."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    # Full-precision LM warm-up on the project's texts before the base is saved
+    # (the offline analogue of starting from pretrained weights).
+    warmup_steps: int = 300
+    warmup_lr: float = 3e-3
+
+    def validate(self, key: str) -> None:
+        _check(self.vocab_size >= 512, f"{key}.vocab_size", "must be >= 512 (a byte-level BPE needs room beyond its 256 byte symbols)")
+        _check(self.hidden_size >= 16 and self.hidden_size % self.heads == 0, f"{key}.hidden_size", "must be >= 16 and divisible by heads")
+        _check(self.layers >= 1, f"{key}.layers", "must be >= 1")
+        _check(self.heads >= 1, f"{key}.heads", "must be >= 1")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        _check(0 < self.warmup_lr < 1, f"{key}.warmup_lr", "must be in (0, 1)")
+
+
+@dataclass
+class Phi2Params:
+    # "tiny": build a small Phi configuration offline; else a hub id or a path.
+    base_model: str = "tiny"
+    tiny: TinyLMParams = field(default_factory=TinyLMParams)
+    load_in_4bit: bool = True
+    prefix_tokens: int = 4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    use_rslora: bool = True
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
+    # "sdpa" (PyTorch), "eager", or "flash_attention_2" (CUDA with flash-attn installed).
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+    max_new_tokens: int = 16
+    # The learning rate is the top-level ``lr``.
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=2, batch_size=16, lr=2e-4, warmup_ratio=0.05, grad_clip=0.5))
+
+    def validate(self, key: str) -> None:
+        _check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")
+        _check(self.lora_r >= 1, f"{key}.lora_r", "must be >= 1")
+        _check(self.lora_alpha >= 1, f"{key}.lora_alpha", "must be >= 1")
+        _check(0 <= self.lora_dropout < 1, f"{key}.lora_dropout", "must be in [0, 1)")
+        _check(len(self.target_modules) > 0, f"{key}.target_modules", "must name at least one module")
+        _check(self.attn_implementation in ("sdpa", "eager", "flash_attention_2"), f"{key}.attn_implementation", "must be 'sdpa', 'eager' or 'flash_attention_2'")
+        _check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
+
+
+@dataclass
+class CaptionerParams:
+    # "siglip": the trained SigLIP image tower (offline default); else a CLIP
+    # hub id or path such as "openai/clip-vit-base-patch16".
+    vision_encoder: str = "siglip"
+    # Features per image: 1 (pooled whole image) or 5 (whole image + 4 quadrants).
+    regions: int = 5
+    # "tiny": build a small GPT-2 offline; else a hub id or path such as "gpt2".
+    lm: str = "tiny"
+    tiny: TinyLMParams = field(default_factory=TinyLMParams)
+    prefix_tokens: int = 10
+    freeze_lm: bool = False
+    max_caption_tokens: int = 40
+    beam_size: int = 3
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=6, batch_size=64, lr=1e-3, warmup_ratio=0.05))
+
+    def validate(self, key: str) -> None:
+        _check(self.regions in (1, 5), f"{key}.regions", "must be 1 or 5")
+        _check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")
+        _check(self.max_caption_tokens >= 4, f"{key}.max_caption_tokens", "must be >= 4")
+        _check(self.beam_size >= 1, f"{key}.beam_size", "must be >= 1 (1 is greedy)")
+
+
+@dataclass
+class EvaluateParams:
+    # Cap on held-out images scored per model (0: all).
+    max_images: int = 0
+    gallery_images: int = 8
+    device: str = "auto"
+
+    def validate(self, key: str) -> None:
+        _check(self.max_images >= 0, f"{key}.max_images", "must be >= 0")
+        _check(self.gallery_images >= 0, f"{key}.gallery_images", "must be >= 0")
+        _check(self.device in ("auto", "cpu", "cuda"), f"{key}.device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass
+class Params:
+    seed: int = 0
+    # The Phi-2 QLoRA learning rate (top level so ``dvc exp run -S lr=...`` works).
+    lr: float = 2e-4
+    coco: CocoParams = field(default_factory=CocoParams)
+    cifar: CifarParams = field(default_factory=CifarParams)
+    qa: QaParams = field(default_factory=QaParams)
+    siglip: SiglipParams = field(default_factory=SiglipParams)
+    embeddings: EmbeddingsParams = field(default_factory=EmbeddingsParams)
+    phi2: Phi2Params = field(default_factory=Phi2Params)
+    captioner: CaptionerParams = field(default_factory=CaptionerParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def validate(self, key: str = "") -> None:
+        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"{value!r} (a string; write numbers without quotes, e.g. 1.0e-4)" if _looks_numeric(value) else repr(value)
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a section (mapping), got {_describe(value)}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {_describe(value)}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; say so instead of
+            # failing later inside the optimizer.
+            raise UserError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported param type {tp!r} at {key}")  # a bug in this module
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise UserError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key)
+    obj = cls(**kwargs)
+    obj.validate(prefix)
+    for f in dataclasses.fields(cls):
+        sub = getattr(obj, f.name)
+        if dataclasses.is_dataclass(sub) and f.name not in data:
+            sub.validate(f"{prefix}.{f.name}" if prefix else f.name)
+    return obj
+
+
+def from_dict(data: dict) -> Params:
+    if not isinstance(data, dict):
+        raise UserError("params: the file must be a mapping of sections")
+    phi2_train = (data.get("phi2") or {}).get("train") if isinstance(data.get("phi2"), dict) else None
+    if isinstance(phi2_train, dict) and "lr" in phi2_train:
+        raise UserError("phi2.train.lr: not used; the Phi-2 QLoRA learning rate is the top-level key lr")
+    params = _build(Params, data, "")
+    params.phi2.train.lr = params.lr
+    return params
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    """Load and validate ``params.yaml`` (or ``$VLMPIPE_PARAMS``); every problem is one ``UserError`` line."""
+    path = Path(path or os.environ.get("VLMPIPE_PARAMS") or "params.yaml")
+    if not path.exists():
+        raise UserError(f"{path}: params file not found (run from the repository root)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    try:
+        return from_dict(data)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (for MLflow params and checkpoint identity)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
