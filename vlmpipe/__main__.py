@@ -1,0 +1,59 @@
+"""Command line use of the trained models.
+
+    python -m vlmpipe caption IMAGE [IMAGE ...] [--model models/captioner] [--beam-size N]
+    python -m vlmpipe ask IMAGE "question" [--history "q1" "a1" ...] [--model models/phi2_vlm]
+
+Both are deterministic (greedy or beam search, no sampling).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlmpipe.errors import stage_entry
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m vlmpipe", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    cap = sub.add_parser("caption", help="caption image files with the trained captioner")
+    cap.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    cap.add_argument("--model", default="models/captioner", help="captioner directory (default: %(default)s)")
+    cap.add_argument("--beam-size", type=int, default=None,
+                     help="beam width; 1 is greedy (default: the value the model was trained with)")
+
+    ask = sub.add_parser("ask", help="ask the visual QA model a question about an image")
+    ask.add_argument("image", help="image file")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--history", nargs="*", default=[], metavar="TEXT",
+                     help="earlier turns as alternating question and answer")
+    ask.add_argument("--model", default="models/phi2_vlm", help="QA model directory (default: %(default)s)")
+    return ap
+
+
+@stage_entry
+def _run(argv: list[str]) -> None:
+    from vlmpipe.errors import UserError
+
+    args = _parser().parse_args(argv)
+    if args.command == "caption":
+        from vlmpipe.models.captioner import caption_files
+
+        for path, text in zip(args.images, caption_files(args.model, args.images, beam_size=args.beam_size)):
+            sys.stdout.write(f"{path}\t{text}\n")
+    else:
+        from vlmpipe.models.phi_vlm import ask_file
+
+        if len(args.history) % 2:
+            raise UserError("--history: give question and answer pairs (an even number of texts)")
+        turns = list(zip(args.history[0::2], args.history[1::2]))
+        sys.stdout.write(ask_file(args.model, args.image, args.question, history=turns) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

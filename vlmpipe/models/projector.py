@@ -1,0 +1,61 @@
+"""The MLP that turns image features into K prefix tokens for a language model.
+
+Input: features of shape [B, R, D] (R regions per image, e.g. 1 pooled vector
+or the whole image plus four quadrants). They are flattened to [B, R*D] and
+mapped by a two-layer MLP to [B, K, H], H being the LM's hidden size, as in
+ClipCap's MLP mapping network. The projector is trained in full (never through
+LoRA) and saved on its own, next to the LM or adapter it feeds.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmpipe.errors import UserError
+
+
+class PrefixProjector(nn.Module):
+    def __init__(self, in_dim: int, regions: int, prefix_tokens: int, hidden_size: int,
+                 mlp_hidden: int | None = None) -> None:
+        super().__init__()
+        self.config = dict(in_dim=in_dim, regions=regions, prefix_tokens=prefix_tokens,
+                           hidden_size=hidden_size, mlp_hidden=mlp_hidden or (prefix_tokens * hidden_size) // 2)
+        self.prefix_tokens, self.hidden_size = prefix_tokens, hidden_size
+        flat = in_dim * regions
+        mid = self.config["mlp_hidden"]
+        self.net = nn.Sequential(
+            # The features are unit-norm (tiny per-dimension scale): normalise them
+            # so the first layer sees well-scaled inputs from step one.
+            nn.LayerNorm(flat),
+            nn.Linear(flat, mid),
+            nn.GELU(),
+            nn.Linear(mid, prefix_tokens * hidden_size),
+        )
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.dim() == 2:  # [B, D]: a single pooled vector per image
+            feats = feats.unsqueeze(1)
+        b = feats.shape[0]
+        out = self.net(feats.reshape(b, -1).to(self.net[1].weight.dtype))
+        return out.view(b, self.prefix_tokens, self.hidden_size)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / "projector.safetensors"))
+        (directory / "projector.json").write_text(json.dumps(self.config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "PrefixProjector":
+        directory = Path(directory)
+        cfg_path, w_path = directory / "projector.json", directory / "projector.safetensors"
+        if not cfg_path.exists() or not w_path.exists():
+            raise UserError(f"{directory}: no projector (projector.json / projector.safetensors missing)")
+        proj = cls(**json.loads(cfg_path.read_text()))
+        proj.load_state_dict(load_file(str(w_path)))
+        return proj
