@@ -259,13 +259,13 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a section (mapping), got {_describe(value)}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, default)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -292,18 +292,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported param type {tp!r} at {key}")  # a bug in this module
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def _build(cls: type, data: dict, prefix: str, default: Any = None) -> Any:
+    """Build ``cls`` from ``data``; keys absent from ``data`` keep ``default``'s values.
+
+    ``default`` matters for nested sections: ``siglip.train`` missing a key
+    falls back to SigLIP's training defaults, not the generic TrainParams ones.
+    """
+    if default is None:
+        default = cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else str(k)
             raise UserError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
+    kwargs = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         if f.name in data:
             key = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key)
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key, kwargs[f.name])
     obj = cls(**kwargs)
     obj.validate(prefix)
     for f in dataclasses.fields(cls):

@@ -1,0 +1,87 @@
+"""Params load into typed dataclasses; every mistake is one line naming the key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlmpipe.errors import UserError
+from vlmpipe.params import Params, flatten, from_dict, load_params, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "presets/full.yaml", "presets/tiny.yaml"])
+def test_shipped_params_files_are_valid(name):
+    p = load_params(ROOT / name)
+    assert isinstance(p, Params)
+    # The Phi-2 stage's learning rate is the top-level lr.
+    assert p.phi2.train.lr == p.lr
+
+
+def test_defaults_match_params_yaml():
+    """params.yaml spells out every key, so `dvc params diff` shows every change."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shipped = flatten(data)
+    defaults = flatten(to_dict(Params()))
+    defaults.pop("phi2.train.lr")  # comes from the top-level lr
+    assert set(shipped) == set(defaults)
+
+
+def _load(tmp_path, text):
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    return load_params(f)
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("lr: 1e-4\n", "lr", "a string"),  # YAML 1.1 reads 1e-4 (no dot) as a string
+    ("seed: 1.5\n", "seed", "expected an integer"),
+    ("siglip:\n  train:\n    epochs: many\n", "siglip.train.epochs", "expected an integer"),
+    ("siglip:\n  backbone: vgg\n", "siglip.backbone", "unknown backbone"),
+    ("coco:\n  max_imagez: 3\n", "coco.max_imagez", "unknown key"),
+    ("bogus: 1\n", "bogus", "unknown key"),
+    ("lr: 2.0\n", "lr", "must be in (0, 1)"),
+    ("phi2:\n  train:\n    lr: 1.0e-4\n", "phi2.train.lr", "top-level"),
+    ("phi2:\n  target_modules: q_proj\n", "phi2.target_modules", "expected a list"),
+    ("captioner:\n  freeze_lm: 1\n", "captioner.freeze_lm", "true or false"),
+    ("coco: 3\n", "coco", "expected a section"),
+    ("phi2:\n  tiny:\n    vocab_size: 400\n", "phi2.tiny.vocab_size", ">= 512"),
+])
+def test_bad_params_name_the_key(tmp_path, text, key, words):
+    with pytest.raises(UserError) as e:
+        _load(tmp_path, text)
+    msg = str(e.value)
+    assert f"{key}:" in msg and words in msg and "\n" not in msg
+    assert str(tmp_path / "params.yaml") in msg
+
+
+def test_ints_widen_to_float_and_partial_files_keep_defaults(tmp_path):
+    p = _load(tmp_path, "seed: 3\nsiglip:\n  train:\n    epochs: 2\n")
+    assert p.seed == 3 and p.siglip.train.epochs == 2
+    assert p.siglip.train.batch_size == Params().siglip.train.batch_size
+    p = from_dict({"siglip": {"logit_lr_mult": 5}})
+    assert isinstance(p.siglip.logit_lr_mult, float) and p.siglip.logit_lr_mult == 5.0
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"line \d+: not valid YAML"):
+        _load(tmp_path, "seed: [1, 2\n")
+
+
+def test_stage_reports_bad_param_without_traceback(tmp_path):
+    """A stage started with a bad params file exits 2 with one line on stderr."""
+    bad = tmp_path / "params.yaml"
+    bad.write_text("lr: 1e-4\n")
+    code = ("from vlmpipe.errors import stage_entry\n"
+            "from vlmpipe.params import load_params\n"
+            "raise SystemExit(stage_entry(load_params)())\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "lr: expected a number" in r.stderr
