@@ -1,0 +1,102 @@
+"""The two data stages as the user runs them: the CLI, and `dvc repro` in a copy of the repo."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMALL = {
+    "coco": {"synthetic_train_images": 24, "synthetic_val_images": 8},
+    "cifar": {"synthetic_train_per_class": 3, "synthetic_test_per_class": 2},
+}
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # The stage scripts call `python`; the copy's own vlmpipe must win over
+    # the editable install of the working tree.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(repo)
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.pop("VLMPIPE_PARAMS", None)
+    return env
+
+
+def _copy_repo(dest: Path, overrides: dict) -> Path:
+    for rel in ("stages", "vlmpipe"):
+        shutil.copytree(ROOT / rel, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+        if (ROOT / rel).exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
+    from vlmpipe.data import cifar, shapes
+
+    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "user_qa.csv"}})
+    _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
+    header = "Dataset_Index,Class_Label,Split,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
+    good = f"0,{shapes.SHAPES[labels[0]]},train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n"
+    (repo / "user_qa.csv").write_text(header + good + "x,circle,train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n")
+    r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: user_qa.csv: data row 2 (line 3), column Dataset_Index: 'x' is not a non-negative integer"], r.stderr
+    assert not (repo / "data/cifar_qa.csv").exists()
+
+
+def test_valid_user_csv_is_copied(tmp_path):
+    from vlmpipe.data import cifar, shapes
+
+    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "user_qa.csv"}})
+    _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
+    label = shapes.SHAPES[labels[0]]
+    text = ("Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
+            f"0,{label},what is it?,,,,,{label},,,,\n")
+    (repo / "user_qa.csv").write_text(text)
+    r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
+    assert r.returncode == 0, r.stderr
+    assert (repo / "data/cifar_qa.csv").read_text() == text
+
+
+@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="dvc is not installed in this environment")
+def test_dvc_repro_of_the_data_stages_then_nothing_to_do(tmp_path):
+    repo = _copy_repo(tmp_path / "repo", SMALL)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    setup = [["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "copy"]]
+    if not (repo / ".dvc").exists():
+        setup.insert(1, [str(BIN / "dvc"), "init", "-q"])
+    for cmd in setup:
+        r = _run(cmd, repo)
+        assert r.returncode == 0, r.stderr
+    dvc = [str(BIN / "dvc"), "repro", "download_coco", "build_cifar_qa_csv"]
+    r = _run(dvc, repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (repo / "data/coco/train2017.zip").exists() and (repo / "data/coco/annotations/captions_val2017.json").exists()
+    assert (repo / "data/cifar/cifar-10-batches-py/test_batch").exists()
+    assert (repo / "data/cifar_qa.csv").read_text().startswith("Dataset_Index,Class_Label,Split,Q1")
+    assert (repo / "dvc.lock").exists()
+
+    again = _run(dvc, repo)
+    assert again.returncode == 0, again.stdout + again.stderr
+    out = again.stdout + again.stderr
+    assert "Data and pipelines are up to date" in out or out.count("didn't change") == 2, out
+    assert "Running stage" not in out

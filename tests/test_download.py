@@ -1,0 +1,191 @@
+"""The download helper against a loopback server, and safe archive handling."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import zipfile
+
+import pytest
+
+from vlmpipe.download import download, open_tar, open_zip, safe_extract
+from vlmpipe.errors import UserError
+
+# Larger than the 1 MiB read size, so a drop happens mid-stream after real writes.
+PAYLOAD = os.urandom(3 * (1 << 20) + 12345)
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def _get(dest, server, path="/f.bin", **kw):
+    kw.setdefault("backoff", 0.0)
+    return download(server.url(path), dest, **kw)
+
+
+def test_dropped_connection_resumes_to_identical_file(tmp_path, file_server):
+    file_server.files["/f.bin"] = PAYLOAD
+    file_server.drop_once.add("/f.bin")
+    dest = _get(tmp_path / "f.bin", file_server, size=len(PAYLOAD), md5=MD5, sha256=SHA256)
+    assert dest.read_bytes() == PAYLOAD
+    assert not (tmp_path / "f.bin.part").exists()
+    (first, _, s1), (_, rng, s2) = file_server.log
+    assert s1 == 200 and s2 == 206
+    assert rng == f"bytes={len(PAYLOAD) // 2}-"  # resumed where the drop happened
+
+
+def test_existing_partial_is_resumed(tmp_path, file_server):
+    file_server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:1000])
+    dest = _get(tmp_path / "f.bin", file_server, md5=MD5)
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.log == [("/f.bin", "bytes=1000-", 206)]
+
+
+def test_server_ignoring_range_restarts_from_zero(tmp_path, file_server):
+    file_server.files["/f.bin"] = PAYLOAD
+    file_server.ignore_range.add("/f.bin")
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:1000])
+    dest = _get(tmp_path / "f.bin", file_server, md5=MD5)
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.log == [("/f.bin", "bytes=1000-", 200)]
+
+
+def test_checksum_mismatch_fails_and_leaves_nothing(tmp_path, file_server):
+    file_server.files["/f.bin"] = PAYLOAD
+    wrong = "0" * 32
+    with pytest.raises(UserError) as e:
+        _get(tmp_path / "f.bin", file_server, md5=wrong)
+    msg = str(e.value)
+    assert "f.bin" in msg and wrong in msg and MD5 in msg and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []  # neither f.bin nor f.bin.part
+
+
+def test_size_mismatch_fails_and_leaves_nothing(tmp_path, file_server):
+    file_server.files["/f.bin"] = PAYLOAD
+    with pytest.raises(UserError, match=rf"f\.bin: size mismatch \(expected {len(PAYLOAD) + 1} bytes"):
+        _get(tmp_path / "f.bin", file_server, size=len(PAYLOAD) + 1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_partial_is_caught_by_checksum(tmp_path, file_server):
+    file_server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # wrong bytes from an earlier run
+    with pytest.raises(UserError, match="md5 mismatch"):
+        _get(tmp_path / "f.bin", file_server, md5=MD5)
+    assert list(tmp_path.iterdir()) == []
+    assert _get(tmp_path / "f.bin", file_server, md5=MD5).read_bytes() == PAYLOAD  # the rerun starts clean
+
+
+def test_verified_file_is_not_fetched_again(tmp_path, file_server):
+    file_server.files["/f.bin"] = PAYLOAD
+    _get(tmp_path / "f.bin", file_server, md5=MD5)
+    _get(tmp_path / "f.bin", file_server, md5=MD5)
+    assert len(file_server.log) == 1
+
+
+def test_http_404_is_a_user_error(tmp_path, file_server):
+    with pytest.raises(UserError, match=r"/missing\.bin: HTTP 404"):
+        _get(tmp_path / "m.bin", file_server, path="/missing.bin")
+    assert len(file_server.log) == 1  # a 4xx is not retried
+
+
+def test_gives_up_after_retries(tmp_path, file_server):
+    file_server.files["/f.bin"] = b"abcdefgh"
+    file_server.drop_always.add("/f.bin")
+    # Each attempt gets half of what is left, then 1 byte, then nothing: the
+    # attempts without progress count towards the limit.
+    with pytest.raises(UserError, match=r"download failed after 2 retries .*rerun to resume"):
+        _get(tmp_path / "f.bin", file_server, retries=2)
+    assert not (tmp_path / "f.bin").exists()
+
+
+# --- archives --------------------------------------------------------------------
+
+
+def _zip(path, members: dict[str, bytes], symlink: str | None = None):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+@pytest.mark.parametrize("name, why", [
+    ("../evil.txt", "'..'"),
+    ("ok/../../evil.txt", "'..'"),
+    ("/abs/evil.txt", "absolute"),
+])
+def test_zip_unsafe_member_names_refused(tmp_path, name, why):
+    z = _zip(tmp_path / "bad.zip", {"good.txt": b"ok", name: b"evil"})
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        safe_extract(z, out)
+    assert str(z) in str(e.value) and repr(name) in str(e.value) and why in str(e.value)
+    with pytest.raises(UserError):
+        open_zip(z)
+    # Checked before writing anything: not even the good member was extracted.
+    assert not any(out.rglob("*")) and not (tmp_path / "evil.txt").exists()
+
+
+def test_zip_symlink_member_refused(tmp_path):
+    z = _zip(tmp_path / "link.zip", {"good.txt": b"ok"}, symlink="data/link")
+    with pytest.raises(UserError, match=r"link\.zip: refusing archive member 'data/link' \(symbolic link\)"):
+        safe_extract(z, tmp_path / "out")
+
+
+def _tar(path, add):
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo("dir/good.txt")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"ok"))
+        add(tf)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "dotdot", "absolute"])
+def test_tar_unsafe_members_refused(tmp_path, kind):
+    def add(tf):
+        if kind in ("symlink", "hardlink"):
+            info = tarfile.TarInfo("dir/link")
+            info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            info.linkname = "/etc/passwd" if kind == "symlink" else "dir/good.txt"
+            tf.addfile(info)
+        else:
+            info = tarfile.TarInfo("../evil.txt" if kind == "dotdot" else "/tmp/evil.txt")
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"evil"))
+
+    t = _tar(tmp_path / "bad.tar.gz", add)
+    with pytest.raises(UserError, match=r"bad\.tar\.gz: refusing archive member"):
+        safe_extract(t, tmp_path / "out")
+    with pytest.raises(UserError):
+        open_tar(t)
+    assert not any((tmp_path / "out").rglob("*"))
+
+
+def test_safe_archives_extract(tmp_path):
+    z = _zip(tmp_path / "good.zip", {"a/b.txt": b"hello", "c.txt": b"world"})
+    written = safe_extract(z, tmp_path / "zout")
+    assert sorted(p.relative_to(tmp_path / "zout").as_posix() for p in written) == ["a/b.txt", "c.txt"]
+    assert (tmp_path / "zout/a/b.txt").read_bytes() == b"hello"
+    t = _tar(tmp_path / "good.tar.gz", lambda tf: None)
+    safe_extract(t, tmp_path / "tout")
+    assert (tmp_path / "tout/dir/good.txt").read_bytes() == b"ok"
+
+
+def test_truncated_archive_is_a_user_error(tmp_path):
+    z = _zip(tmp_path / "good.zip", {"a.txt": os.urandom(5000)})
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(z.read_bytes()[:3000])
+    with pytest.raises(UserError, match=r"cut\.zip: not a readable zip archive"):
+        open_zip(cut)
+    t = _tar(tmp_path / "good.tar.gz", lambda tf: None)
+    tcut = tmp_path / "cut.tar.gz"
+    tcut.write_bytes(t.read_bytes()[:40])
+    with pytest.raises(UserError, match=r"cut\.tar\.gz"):
+        safe_extract(tcut, tmp_path / "out")

@@ -1,0 +1,308 @@
+"""COCO 2017 captions: synthetic writer, official ingest, reader.
+
+One ingest path serves both sources. A *source folder* holds the three files
+under their official names:
+
+    annotations_trainval2017.zip   (annotations/captions_{train,val}2017.json)
+    train2017.zip                  (train2017/000000000123.jpg, ...)
+    val2017.zip
+
+For ``coco.source: coco2017`` they are downloaded (cached in the download
+folder, resumable); for ``synthetic`` they are generated from the shapes
+world. ``ingest`` then writes the output folder:
+
+    annotations/captions_train2017.json, annotations/captions_val2017.json
+    train2017.zip, val2017.zip
+
+keeping ``coco.max_images`` images per split (a seeded subset). Images stay
+inside the zips and are read in place by random access: 118k small files make
+DVC push/pull take hours, a few large archives do not.
+
+Synthetic images are JPEG (quality 95, no chroma subsampling): the real
+format, so the real decoder and file names are exercised, while 4:4:4 keeps
+the colour edges of small shapes crisp.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vlmpipe.data import shapes
+from vlmpipe.download import default_download_dir, download, open_zip
+from vlmpipe.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
+# name -> (url, size in bytes, md5), as published for COCO 2017.
+OFFICIAL = {
+    ANNOTATIONS_ZIP: ("http://images.cocodataset.org/annotations/annotations_trainval2017.zip", 252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
+    "train2017.zip": ("http://images.cocodataset.org/zips/train2017.zip", 19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
+    "val2017.zip": ("http://images.cocodataset.org/zips/val2017.zip", 815585330, "442b8da7639aecaf257c1dceb8ba8c80"),
+}
+# A fixed timestamp makes the zips we write byte-identical across runs.
+_ZIP_TIME = (2017, 1, 1, 0, 0, 0)
+_INFO = {
+    "description": "vlmpipe synthetic shapes world in COCO 2017 caption format",
+    "url": "",
+    "version": "1.0",
+    "year": 2017,
+    "contributor": "vlmpipe",
+    "date_created": "2017/09/01",
+}
+_LICENSES = [{"url": "https://creativecommons.org/publicdomain/zero/1.0/", "id": 1, "name": "CC0 1.0"}]
+
+
+def captions_member(split: str) -> str:
+    return f"annotations/captions_{split}2017.json"
+
+
+def image_member(split: str, file_name: str) -> str:
+    return f"{split}2017/{file_name}"
+
+
+def _zip_write(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+    info.compress_type = zipfile.ZIP_STORED  # JPEGs do not compress; stored members read fastest
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+# --- synthetic source -------------------------------------------------------------
+
+def write_synthetic_source(src: str | os.PathLike, n_train: int, n_val: int, image_size: int, seed: int) -> None:
+    """Generate the three official-format files of the shapes world into ``src``."""
+    src = Path(src)
+    src.mkdir(parents=True, exist_ok=True)
+    # Sparse, unique ids like the real ones, so nothing downstream can assume 0..N-1.
+    ids = np.random.default_rng([seed, 2017]).choice(np.arange(1, 600_000), size=n_train + n_val, replace=False)
+    split_ids = {"train": sorted(int(i) for i in ids[:n_train]), "val": sorted(int(i) for i in ids[n_train:])}
+    ann_id = 0
+    captions_json = {}
+    for split in SPLITS:
+        images, annotations = [], []
+        with zipfile.ZipFile(src / f"{split}2017.zip", "w") as zf:
+            for image_id in tqdm(split_ids[split], desc=f"coco {split}", mininterval=2.0, leave=False):
+                # One generator per image: any image can be regenerated alone.
+                rng = np.random.default_rng([seed, image_id])
+                scene = shapes.random_scene(rng, image_size)
+                file_name = f"{image_id:012d}.jpg"
+                buf = io.BytesIO()
+                Image.fromarray(scene.image).save(buf, format="JPEG", quality=95, subsampling=0)
+                _zip_write(zf, image_member(split, file_name), buf.getvalue())
+                images.append({
+                    "license": 1, "file_name": file_name, "coco_url": "", "height": image_size,
+                    "width": image_size, "date_captured": "2017-01-01 00:00:00", "flickr_url": "", "id": image_id,
+                })
+                for caption in shapes.scene_captions(scene, rng, 5):
+                    ann_id += 1
+                    annotations.append({"image_id": image_id, "id": ann_id, "caption": caption})
+        captions_json[split] = {"info": _INFO, "licenses": _LICENSES, "images": images, "annotations": annotations}
+    with zipfile.ZipFile(src / ANNOTATIONS_ZIP, "w", zipfile.ZIP_DEFLATED) as zf:
+        for split in SPLITS:
+            info = zipfile.ZipInfo(captions_member(split), date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, json.dumps(captions_json[split]))
+
+
+# --- official source --------------------------------------------------------------
+
+def download_official(download_dir: str | os.PathLike | None = None, base_url: str | None = None, verify: bool = True) -> Path:
+    """Fetch the three official archives into ``download_dir``; return it.
+
+    ``base_url`` replaces ``http://images.cocodataset.org`` (a mirror, or a
+    test server); ``verify=False`` skips the published size/md5 (for mirrors
+    serving other bytes).
+    """
+    ddir = Path(download_dir) if download_dir else default_download_dir() / "coco2017"
+    for name, (url, size, md5) in OFFICIAL.items():
+        if base_url:
+            url = base_url.rstrip("/") + url.split("cocodataset.org", 1)[1]
+        download(url, ddir / name, size=size if verify else None, md5=md5 if verify else None)
+    return ddir
+
+
+# --- ingest -----------------------------------------------------------------------
+
+def _load_captions_json(zf: zipfile.ZipFile, archive: Path, member: str) -> dict[str, Any]:
+    where = f"{archive}: {member}"
+    try:
+        with zf.open(member) as f:
+            data = json.load(f)
+    except KeyError:
+        raise UserError(f"{archive}: missing member {member}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise UserError(f"{where}: corrupt caption file ({type(e).__name__}: {e})") from None
+    _check_captions(data, where)
+    return data
+
+
+def _check_captions(data: Any, where: str) -> None:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise UserError(f"{where}: not a COCO caption file (needs 'images' and 'annotations' lists)")
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+            raise UserError(f"{where}: images[{i}] needs an integer 'id' and a string 'file_name'")
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or not isinstance(a.get("image_id"), int) or not isinstance(a.get("caption"), str):
+            raise UserError(f"{where}: annotations[{i}] needs an integer 'image_id' and a string 'caption'")
+
+
+def select_subset(ids: list[int], max_images: int, seed: int, split: str) -> list[int]:
+    """A seeded, sorted subset of ``max_images`` ids (all of them when 0 or more than there are)."""
+    ids = sorted(ids)
+    if max_images == 0 or max_images >= len(ids):
+        return ids
+    rng = np.random.default_rng([seed, SPLITS.index(split), 2017])
+    return sorted(ids[i] for i in rng.choice(len(ids), size=max_images, replace=False))
+
+
+def _copy_images(src_zip: Path, dst_zip: Path, members: list[str]) -> None:
+    with open_zip(src_zip) as zin:
+        files = {i.filename for i in zin.infolist() if not i.is_dir()}
+        missing = [m for m in members if m not in files]
+        if missing:
+            raise UserError(f"{src_zip}: missing member {missing[0]} ({len(missing)} images of the caption file are not in the archive)")
+        if files == set(members):
+            # Everything is kept: reuse the archive as is. A hard link costs
+            # nothing; across filesystems fall back to a copy.
+            try:
+                os.link(src_zip, dst_zip)
+            except OSError:
+                shutil.copyfile(src_zip, dst_zip)
+            return
+        with zipfile.ZipFile(dst_zip, "w", allowZip64=True) as zout:
+            for name in tqdm(members, desc=dst_zip.name, mininterval=2.0, leave=False):
+                try:
+                    data = zin.read(name)  # checks the member's CRC
+                except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                    raise UserError(f"{src_zip}: member {name} is corrupt ({e})") from None
+                _zip_write(zout, name, data)
+
+
+def ingest(src: str | os.PathLike, out: str | os.PathLike, max_images: int, seed: int) -> dict[str, int]:
+    """Write the output folder from an official-format source folder; return images per split."""
+    src, out = Path(src), Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    counts = {}
+    ann_zip = src / ANNOTATIONS_ZIP
+    with open_zip(ann_zip) as zf:
+        captions = {split: _load_captions_json(zf, ann_zip, captions_member(split)) for split in SPLITS}
+    for split in SPLITS:
+        data = captions[split]
+        by_image = defaultdict(list)
+        for a in data["annotations"]:
+            by_image[a["image_id"]].append(a)
+        images = {im["id"]: im for im in data["images"] if by_image.get(im["id"])}
+        keep = select_subset(list(images), max_images, seed, split)
+        keep_set = set(keep)
+        subset = {
+            "info": data.get("info", {}),
+            "licenses": data.get("licenses", []),
+            "images": [images[i] for i in keep],
+            "annotations": sorted((a for a in data["annotations"] if a["image_id"] in keep_set), key=lambda a: (a["image_id"], a.get("id", 0))),
+        }
+        (out / captions_member(split)).write_text(json.dumps(subset), encoding="utf-8")
+        _copy_images(src / f"{split}2017.zip", out / f"{split}2017.zip",
+                     [image_member(split, images[i]["file_name"]) for i in keep])
+        counts[split] = len(keep)
+        log.info("coco %s: %d images, %d captions", split, len(keep), len(subset["annotations"]))
+    return counts
+
+
+def build(params, seed: int, out: str | os.PathLike, download_dir: str | os.PathLike | None = None) -> dict[str, int]:
+    """Produce the ``data/coco`` folder ``out`` from ``params`` (a ``CocoParams``)."""
+    out = Path(out)
+    if params.source == "synthetic":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".coco-src.", dir=out.parent) as tmp:
+            write_synthetic_source(tmp, params.synthetic_train_images, params.synthetic_val_images, params.image_size, seed)
+            return ingest(tmp, out, params.max_images, seed)
+    return ingest(download_official(download_dir), out, params.max_images, seed)
+
+
+# --- reader -----------------------------------------------------------------------
+
+class CocoCaptions:
+    """Images and reference captions of one split of an ingested ``data/coco`` folder.
+
+    The zip is opened lazily, once per process: the object can be pickled
+    into DataLoader workers (or forked) and each worker gets its own handle.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str):
+        if split not in SPLITS:
+            raise UserError(f"split: must be 'train' or 'val', got {split!r}")
+        self.root, self.split = Path(root), split
+        self.archive = self.root / f"{split}2017.zip"
+        ann = self.root / captions_member(split)
+        try:
+            data = json.loads(ann.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{ann}: not found (run `dvc repro download_coco`)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{ann}: corrupt caption file ({e})") from None
+        _check_captions(data, str(ann))
+        self._files = {im["id"]: im["file_name"] for im in data["images"]}
+        caps: dict[int, list[str]] = defaultdict(list)
+        for a in data["annotations"]:
+            caps[a["image_id"]].append(a["caption"].strip())
+        self._captions = dict(caps)
+        self.ids: list[int] = sorted(i for i in self._files if i in self._captions)
+        self._zip: zipfile.ZipFile | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def captions(self, image_id: int) -> list[str]:
+        return list(self._captions[image_id])
+
+    def member(self, image_id: int) -> str:
+        return image_member(self.split, self._files[image_id])
+
+    def _archive(self) -> zipfile.ZipFile:
+        # A ZipFile shares one file offset: a handle inherited through fork
+        # would be moved under the parent's feet, so each process opens its own.
+        if self._zip is None or self._pid != os.getpid():
+            self._zip = open_zip(self.archive)
+            self._pid = os.getpid()
+        return self._zip
+
+    def image(self, image_id: int) -> Image.Image:
+        name = self.member(image_id)
+        zf = self._archive()
+        try:
+            data = zf.read(name)
+            img = Image.open(io.BytesIO(data))
+            img.load()  # decode now: a truncated file fails here, not later in a worker
+            return img.convert("RGB")
+        except KeyError:
+            raise UserError(f"{self.archive}: missing member {name}") from None
+        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, Image.DecompressionBombError) as e:
+            raise UserError(f"{self.archive}: member {name}: corrupt or truncated image ({e})") from None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_zip"] = None
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None

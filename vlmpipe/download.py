@@ -1,0 +1,307 @@
+"""The one download helper, and safe archive access.
+
+``download(url, dest, size=..., md5=...)`` is used for every download in the
+project (COCO, CIFAR-10, hub weights):
+
+- streams to ``<dest>.part`` with a tqdm bar;
+- a dropped connection is resumed with an HTTP ``Range`` request (the server
+  answers 206); a server that ignores ``Range`` (200) restarts from byte 0;
+- transient failures (connection errors, timeouts, 5xx) are retried with
+  exponential backoff; 4xx is a user error at once;
+- size and checksums are verified when known; only then is the partial file
+  renamed onto ``dest``. A mismatch deletes the partial and raises a
+  ``UserError`` naming the file, expected and got values. So ``dest`` exists
+  only if it is complete and verified.
+
+Archives come from the network, so a member could try to write outside its
+folder. ``open_zip``/``open_tar`` check every member name before anything is
+read, and ``safe_extract`` writes only regular files and folders: absolute
+paths, ``..`` components and links are refused with a ``UserError`` naming
+the archive and the member.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import socket
+import stat
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from vlmpipe.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+USER_AGENT = "vlmpipe-download/1"
+
+
+def default_download_dir() -> Path:
+    """Where raw downloads are cached: ``$VLMPIPE_DOWNLOAD_DIR`` or ``~/.cache/vlmpipe/downloads``.
+
+    Kept outside the DVC outputs on purpose: DVC deletes a stage's outputs
+    before running it, and a half-finished 18 GB download must survive that
+    to be resumed.
+    """
+    env = os.environ.get("VLMPIPE_DOWNLOAD_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "vlmpipe" / "downloads"
+
+
+class _Dropped(Exception):
+    """The connection ended before the announced length (resume and retry)."""
+
+
+def file_digest(path: str | os.PathLike, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(path: Path, name: str, size: int | None, checksums: dict[str, str]) -> str | None:
+    """Return None if ``path`` matches, else a one-line description of the mismatch."""
+    got_size = path.stat().st_size
+    if size is not None and got_size != size:
+        return f"{name}: size mismatch (expected {size} bytes, got {got_size})"
+    for algo, expected in checksums.items():
+        got = file_digest(path, algo)
+        if got.lower() != expected.lower():
+            return f"{name}: {algo} mismatch (expected {expected.lower()}, got {got})"
+    return None
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    size: int | None = None,
+    md5: str | None = None,
+    sha256: str | None = None,
+    sha1: str | None = None,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``url`` to ``dest`` (resuming, retrying, verifying); return ``dest``.
+
+    An existing ``dest`` that verifies is kept without touching the network;
+    an existing ``<dest>.part`` is resumed. ``retries`` counts consecutive
+    failed attempts: an attempt that received data resets it, so a long
+    download over a flaky link still finishes.
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    checksums = {k: v for k, v in (("md5", md5), ("sha1", sha1), ("sha256", sha256)) if v}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    if dest.exists():
+        problem = _verify(dest, str(dest), size, checksums)
+        if problem is None:
+            log.info("%s: already downloaded", dest)
+            return dest
+        log.warning("%s; downloading again", problem)
+        dest.unlink()
+
+    failures = 0
+    while True:
+        try:
+            before = part.stat().st_size if part.exists() else 0
+            _fetch(url, part, size, timeout, str(dest))
+            break
+        except _Dropped as e:
+            reason = str(e)
+        except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError, TimeoutError) as e:
+            if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429):
+                raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
+            reason = f"{type(e).__name__}: {e}"
+        after = part.stat().st_size if part.exists() else 0
+        failures = 0 if after > before else failures + 1
+        if failures > retries:
+            raise UserError(f"{url}: download failed after {retries} retries ({reason}); rerun to resume from {part}")
+        # A drop after progress reconnects at once; repeated failures back off.
+        delay = backoff * 2 ** (failures - 1) if failures else 0.0
+        log.warning("%s: %s; retrying in %.1fs from byte %d", dest.name, reason, delay, after)
+        time.sleep(delay)
+
+    problem = _verify(part, str(dest), size, checksums)
+    if problem is not None:
+        # A wrong file must not survive under any name that could pass for the
+        # real one; the next run starts from scratch.
+        part.unlink(missing_ok=True)
+        raise UserError(problem)
+    os.replace(part, dest)
+    log.info("%s: downloaded and verified (%d bytes)", dest, dest.stat().st_size)
+    return dest
+
+
+def _fetch(url: str, part: Path, size: int | None, timeout: float, name: str) -> None:
+    """One attempt: append to ``part`` from where it ends. Raises on any interruption."""
+    start = part.stat().st_size if part.exists() else 0
+    if size is not None and start == size:
+        return  # a previous attempt got everything; verification decides
+    if size is not None and start > size:
+        part.unlink()
+        start = 0
+    headers = {"User-Agent": USER_AGENT}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:
+            # Range not satisfiable: the partial is already whole (or longer
+            # than the file); let verification judge, or restart if unknown.
+            if size is None:
+                return
+            part.unlink()
+            raise _Dropped("server refused the range; restarting") from None
+        raise
+    with resp:
+        if start and resp.status != 206:
+            log.info("%s: server ignored the range request; restarting from byte 0", name)
+            start = 0
+        length = resp.headers.get("Content-Length")
+        remaining = int(length) if length is not None else None
+        total = start + remaining if remaining is not None else size
+        if size is not None and total is not None and total != size:
+            part.unlink(missing_ok=True)  # not the file we expect: do not resume it later
+            raise UserError(f"{name}: size mismatch (expected {size} bytes, server announces {total})")
+        mode = "ab" if start else "wb"
+        with open(part, mode) as f, tqdm(
+            total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=Path(name).name, mininterval=1.0, leave=False,
+        ) as bar:
+            got = 0
+            while True:
+                try:
+                    block = resp.read(CHUNK)
+                except (http.client.IncompleteRead, ConnectionError, socket.timeout, TimeoutError) as e:
+                    raise _Dropped(f"connection dropped after {start + got} bytes ({type(e).__name__})") from None
+                if not block:
+                    break
+                f.write(block)
+                got += len(block)
+                bar.update(len(block))
+            f.flush()
+            os.fsync(f.fileno())
+    # http.client returns b"" at EOF even when fewer bytes than Content-Length
+    # arrived, so a dropped connection is detected here, not by an exception.
+    if remaining is not None and got < remaining:
+        raise _Dropped(f"connection dropped after {start + got} of {total} bytes")
+
+
+# --- safe archives -------------------------------------------------------------
+
+
+def check_member_name(archive: str | os.PathLike, name: str) -> None:
+    """Refuse member names that are absolute or climb out of the extraction folder."""
+    posix = name.replace("\\", "/")
+    if not posix or posix.startswith("/") or (posix[:1].isalpha() and posix[1:2] == ":"):  # "/x", "C:x"
+        raise UserError(f"{archive}: refusing archive member {name!r} (absolute path)")
+    if ".." in PurePosixPath(posix).parts:
+        raise UserError(f"{archive}: refusing archive member {name!r} (path contains '..')")
+
+
+def _zip_is_link(info: zipfile.ZipInfo) -> bool:
+    # Unix mode bits live in the high 16 bits of external_attr (zip -y symlinks).
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
+    """Open a zip for reading after checking every member name and type."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: archive not found") from None
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path}: not a readable zip archive ({e})") from None
+    try:
+        for info in zf.infolist():
+            check_member_name(path, info.filename)
+            if _zip_is_link(info):
+                raise UserError(f"{path}: refusing archive member {info.filename!r} (symbolic link)")
+    except BaseException:
+        zf.close()
+        raise
+    return zf
+
+
+def open_tar(path: str | os.PathLike) -> tarfile.TarFile:
+    """Open a tar (any compression) after checking every member name and type."""
+    try:
+        tf = tarfile.open(path)
+        members = tf.getmembers()  # reads the whole index: also catches truncation
+    except FileNotFoundError:
+        raise UserError(f"{path}: archive not found") from None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"{path}: not a readable tar archive ({e})") from None
+    try:
+        for m in members:
+            check_member_name(path, m.name)
+            if m.issym() or m.islnk():
+                raise UserError(f"{path}: refusing archive member {m.name!r} (link to {m.linkname!r})")
+            if not (m.isfile() or m.isdir()):
+                raise UserError(f"{path}: refusing archive member {m.name!r} (not a regular file or folder)")
+    except BaseException:
+        tf.close()
+        raise
+    return tf
+
+
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Extract a zip or tar archive into ``dest``; return the files written.
+
+    All members are checked before the first byte is written, so a refused
+    archive leaves nothing behind. Only regular files and folders are created
+    (no modes, owners or links are taken from the archive).
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    written: list[Path] = []
+
+    def target(name: str) -> Path:
+        t = (root / name).resolve()
+        if t != root and root not in t.parents:  # belt and braces after check_member_name
+            raise UserError(f"{archive}: refusing archive member {name!r} (escapes the folder)")
+        return t
+
+    try:
+        if zipfile.is_zipfile(archive):
+            with open_zip(archive) as zf:
+                for info in zf.infolist():
+                    t = target(info.filename)
+                    if info.is_dir():
+                        t.mkdir(parents=True, exist_ok=True)
+                        continue
+                    t.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(t, "wb") as out:
+                        shutil.copyfileobj(src, out, CHUNK)
+                    written.append(t)
+        else:
+            with open_tar(archive) as tf:
+                for m in tf.getmembers():
+                    t = target(m.name)
+                    if m.isdir():
+                        t.mkdir(parents=True, exist_ok=True)
+                        continue
+                    t.parent.mkdir(parents=True, exist_ok=True)
+                    src = tf.extractfile(m)
+                    with src, open(t, "wb") as out:
+                        shutil.copyfileobj(src, out, CHUNK)
+                    written.append(t)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise UserError(f"{archive}: corrupt or truncated archive ({type(e).__name__}: {e})") from None
+    return written
