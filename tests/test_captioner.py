@@ -1,0 +1,269 @@
+"""The ClipCap-style captioner: data/labels, validation loss, decoding, save/load, CLI.
+
+Small fixtures: a tiny GPT-2 (hidden 32) and a projector trained through the
+shared loop on a handful of one-shape scenes with random "cached" features.
+"""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlmpipe.models import captioner as C
+from vlmpipe.params import TinyLMParams, TrainParams
+
+REPO = Path(__file__).resolve().parents[1]
+FEAT_DIM, REGIONS, PREFIX = 16, 5, 4
+N_IMAGES = 16
+
+
+def _captions(n: int, seed: int = 0) -> list[list[str]]:
+    from vlmpipe.data.shapes import random_scene, scene_captions
+
+    rng = np.random.default_rng(seed)
+    return [scene_captions(random_scene(rng, 64), rng) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Captions, features (distinct per image) and a tiny GPT-2 built on the captions."""
+    from vlmpipe.models.tiny_lm import build_tiny_lm
+
+    caps = _captions(N_IMAGES)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(N_IMAGES, REGIONS, FEAT_DIM, generator=g).half()
+    lm_dir = tmp_path_factory.mktemp("lm") / "tiny"
+    build_tiny_lm("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
+                  [c for cs in caps for c in cs], lm_dir, seed=0)
+    return caps, feats, lm_dir
+
+
+def _new_model(lm_dir, freeze_lm=False, max_tokens=40):
+    return C.build_captioner(lm_dir, encoder={"name": "test-encoder"}, feature_dim=FEAT_DIM, regions=REGIONS,
+                             prefix_tokens=PREFIX, freeze_lm=freeze_lm, beam_size=3,
+                             max_caption_tokens=max_tokens, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """A captioner trained with vlmpipe.train.fit; its report dir and saved dir."""
+    from vlmpipe.train import TrainTask, fit
+
+    caps, feats, lm_dir = world
+    root = tmp_path_factory.mktemp("trained")
+    model = _new_model(lm_dir)
+    train = model.dataset(feats, caps)
+    val = model.dataset(feats[:4], caps[:4])
+    task = TrainTask("captioner", model, train, model.collate_fn,
+                     evaluate=C.make_evaluator(val, feats[:4], caps[:4], show=1))
+    cfg = TrainParams(epochs=12, batch_size=16, lr=1e-2, weight_decay=0.0, warmup_ratio=0.05,
+                      checkpoint_every=0, device="cpu")
+    fit(task, cfg, seed=0, ckpt_dir=root / "ckpt", report_dir=root / "reports", identity={"test": 1})
+    model.eval()
+    model.save(root / "model")
+    return model, root
+
+
+# --- data and labels ------------------------------------------------------------------
+
+
+def test_labels_end_in_eos_and_mask_prefix_and_padding(world):
+    caps, feats, lm_dir = world
+    model = _new_model(lm_dir, max_tokens=12)
+    caps = [list(c) for c in caps[:3]]
+    caps[0][0] = " ".join(["a large red circle"] * 20)  # longer than max_caption_tokens: cut, still ends in EOS
+    ds = model.dataset(feats[:3], caps)
+    assert len(ds) == 15  # every reference caption is a sample
+    batch = model.collate_fn([ds[i] for i in range(len(ds))])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    eos = model.tokenizer.eos_token_id
+    assert labels.shape == (15, PREFIX + ids.shape[1])
+    assert (labels[:, :PREFIX] == -100).all()
+    body = labels[:, PREFIX:]
+    assert torch.equal(body == -100, mask == 0)  # exactly the padding is masked
+    assert int(mask.sum(1).max()) == ids.shape[1] == 12  # dynamic padding, to the longest (cut) caption
+    for row, n in zip(body, mask.sum(1).tolist()):
+        assert row[n - 1] == eos and (row[: n - 1] != eos).all()
+    # The loss counts exactly the caption tokens + EOS.
+    out = model(batch)
+    assert out["tokens"] == int(mask.sum()) and out["samples"] == 15 and out["loss"].item() > 0
+
+
+def test_freeze_lm_trains_projector_only(world):
+    _, _, lm_dir = world
+    model = _new_model(lm_dir, freeze_lm=True)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"projector"}
+    model.train()
+    assert not model.lm.training
+
+
+# --- training through the shared loop ----------------------------------------------------
+
+
+def test_validation_loss_nonzero_and_changes(trained):
+    _, root = trained
+    rows = list(csv.DictReader(open(root / "reports" / "val_curve.csv")))
+    losses = [float(r["val_loss"]) for r in rows]
+    assert len(losses) == 12
+    assert all(v > 0 for v in losses)
+    assert len(set(losses)) == len(losses)  # changes every epoch
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_generation_stops_before_limit(trained, world):
+    model, _ = trained
+    _, feats, _ = world
+    limit = 40
+    for beam in (1, 3):
+        ids = model.generate_ids(feats, beam_size=beam, max_tokens=limit)
+        assert all(len(x) < limit and x[-1] == model.eos_token_id for x in ids), [len(x) for x in ids]
+    caps = C.generate(model, feats[:4], beam_size=3)
+    assert all(c and "<|" not in c for c in caps)
+
+
+def test_generation_is_deterministic_and_batch_independent(trained, world):
+    model, _ = trained
+    _, feats, _ = world
+    assert C.generate(model, feats, beam_size=3) == C.generate(model, feats, beam_size=3)
+    # Greedy = beam 1; a batch gives the same captions as one image at a time.
+    one_by_one = [C.generate(model, feats[i:i + 1], beam_size=1)[0] for i in range(4)]
+    assert C.generate(model, feats[:4], beam_size=1) == one_by_one
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_beam_search_matches_hf_generate(trained, world, beam):
+    """The own beam search (KV cache over inputs_embeds) against Hugging Face's, as a reference."""
+    model, _ = trained
+    _, feats, _ = world
+    torch.manual_seed(1)
+    feats = torch.cat([feats.float(), torch.randn_like(feats.float())])  # trained and unseen inputs
+    mine = model.generate_ids(feats, beam_size=beam, max_tokens=30)
+    eos = model.eos_token_id
+    with torch.no_grad():
+        prefix = model.prefix(feats)
+        extra = {"early_stopping": True} if beam > 1 else {}
+        ref = model.lm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+                                num_beams=beam, do_sample=False, max_new_tokens=30, length_penalty=C.LENGTH_PENALTY,
+                                eos_token_id=eos, pad_token_id=model.pad_token_id, **extra)
+    ref = [r[: r.index(eos) + 1] if eos in r else r for r in ref.tolist()]
+    assert mine == ref
+
+
+def test_save_load_identical_captions(trained, world):
+    model, root = trained
+    _, feats, _ = world
+    loaded = C.load_captioner(root / "model")
+    assert loaded.info["encoder"] == {"name": "test-encoder"}
+    for beam in (1, 3):
+        assert C.generate(loaded, feats, beam_size=beam) == C.generate(model, feats, beam_size=beam)
+    # No frozen vision weights anywhere in the output: projector + LM + tokenizer + config.
+    names = {p.name for p in (root / "model").rglob("*") if p.is_file()}
+    assert {"captioner.json", "projector.safetensors", "model.safetensors"} <= names
+    assert not any(n.endswith((".pt", ".bin", ".pth")) for n in names)
+
+
+def test_load_missing_model_is_user_error(tmp_path):
+    from vlmpipe.errors import UserError
+
+    with pytest.raises(UserError, match="not a trained captioner"):
+        C.load_captioner(tmp_path / "nothing")
+
+
+# --- the stage's library path and the command line --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Tiny COCO + an (untrained) SigLIP + its cached region features -> train_captioner."""
+    from vlmpipe import embeddings
+    from vlmpipe.data import coco
+    from vlmpipe.models.siglip import build_siglip
+    from vlmpipe.params import CaptionerParams, CocoParams, SiglipParams
+
+    root = tmp_path_factory.mktemp("pipeline")
+    coco.build(CocoParams(synthetic_train_images=24, synthetic_val_images=6, image_size=64), 0, root / "data/coco")
+    sp = SiglipParams(embed_dim=32, text_width=32, text_layers=1, text_vocab_size=512)
+    torch.manual_seed(0)
+    tower = build_siglip(sp, ["a red circle", "a blue square"]).eval()
+    tower.save(root / "models/siglip")
+    ident = embeddings.siglip_identity(root / "models/siglip")
+    fn = embeddings.siglip_encoder(tower, REGIONS)
+    for split in ("train", "val"):
+        data = coco.CocoCaptions(root / "data/coco", split)
+        feats = embeddings.embed_sharded(fn, data.ids, data.image, batch_size=32, desc=split)
+        embeddings.save(root / "data/embeddings", "coco", split, data.ids, feats, ident)
+    cp = CaptionerParams(regions=REGIONS, prefix_tokens=PREFIX, max_caption_tokens=12, beam_size=2,
+                         tiny=TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
+                         train=TrainParams(epochs=2, batch_size=24, lr=3e-3, checkpoint_every=0, device="cpu"))
+    res = C.train_captioner(cp, seed=0, coco_root=root / "data/coco", embeddings_root=root / "data/embeddings",
+                            siglip_dir=root / "models/siglip", out_dir=root / "models/captioner",
+                            ckpt_dir=root / "models/checkpoints/captioner", report_dir=root / "reports/captioner",
+                            show=1)
+    val = coco.CocoCaptions(root / "data/coco", "val")
+    img = root / "scene.png"
+    val.image(val.ids[0]).save(img)
+    return root, res, img
+
+
+def test_train_captioner_writes_model_and_curves(pipeline):
+    root, res, _ = pipeline
+    rows = list(csv.DictReader(open(root / "reports/captioner/val_curve.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and all(float(r["val_loss"]) > 0 for r in rows)
+    assert res.tokens_per_s > 0
+    model = C.load_captioner(root / "models/captioner")
+    enc = model.info["encoder"]
+    assert enc["name"] == "siglip" and enc["path"] == "../siglip" and len(enc["hash"]) == 16
+    assert model.info["lm_source"] == "tiny" and model.info["beam_size"] == 2
+    # No encoder weights in the captioner's output (only the identity above).
+    from safetensors import safe_open
+
+    for f in (root / "models/captioner").rglob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            assert not any("image_tower" in k or "trunk" in k for k in st.keys())
+
+
+def test_caption_files_matches_cached_features(pipeline):
+    """New images are featurized exactly like the cache: same captions from the file and the cache."""
+    from vlmpipe import embeddings
+
+    root, _, img = pipeline
+    model = C.load_captioner(root / "models/captioner")
+    cache = embeddings.load(root / "data/embeddings", "coco", "val")
+    from_cache = C.generate(model, cache.embeddings[:1].float())
+    assert C.caption_files(root / "models/captioner", [img]) == from_cache
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "vlmpipe", "caption", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_captions_and_missing_file_error(pipeline, tmp_path):
+    root, _, img = pipeline
+    model = str(root / "models/captioner")
+    out = _cli([str(img), str(img), "--model", model, "--beam-size", "1"], cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{img}\t") and line.split("\t")[1] for line in lines)
+    assert lines[0] == lines[1]  # deterministic
+    missing = tmp_path / "nope.png"
+    bad = _cli([str(img), str(missing), "--model", model], cwd=REPO)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == f"error: {missing}: image file not found"
+
+
+def test_unreadable_image_is_user_error(pipeline, tmp_path):
+    from vlmpipe.errors import UserError
+
+    root, _, img = pipeline
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image")
+    with pytest.raises(UserError, match=f"^{garbage}: cannot read image"):
+        C.caption_files(root / "models/captioner", [img, garbage])

@@ -1,0 +1,279 @@
+"""The visual QA model (tiny Phi in 4-bit NF4 + LoRA + prefix projector).
+
+Fixtures are generated here: ten classes with per-class facts, "cached"
+embeddings = a class centre + noise (unit norm, float16, [N, 1, D]), and five
+questions per image drawn from seven question types. A tiny Phi is built on
+the training conversations, loaded back in 4-bit and trained briefly through
+the shared loop; held-out answers must beat the blind baseline clearly.
+"""
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlmpipe.errors import UserError
+from vlmpipe.models import phi_vlm as V
+from vlmpipe.params import Phi2Params, TinyLMParams, TrainParams
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 512
+N_TRAIN, N_TEST = 640, 100
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FACTS = {  # kind, legs, where it moves, colour
+    "airplane": ("vehicle", "0", "air", "white"), "automobile": ("vehicle", "0", "road", "red"),
+    "bird": ("animal", "2", "air", "brown"), "cat": ("animal", "4", "land", "gray"),
+    "deer": ("animal", "4", "land", "brown"), "dog": ("animal", "4", "land", "black"),
+    "frog": ("animal", "4", "water", "green"), "horse": ("animal", "4", "land", "brown"),
+    "ship": ("vehicle", "0", "water", "white"), "truck": ("vehicle", "0", "road", "blue"),
+}
+QUESTIONS = [
+    ("What is in the image?", lambda c: c),
+    ("Is this an animal or a vehicle?", lambda c: FACTS[c][0]),
+    ("How many legs does it have?", lambda c: FACTS[c][1]),
+    ("Where does it usually move?", lambda c: FACTS[c][2]),
+    ("What colour is it usually?", lambda c: FACTS[c][3]),
+    ("Can it fly?", lambda c: "yes" if FACTS[c][2] == "air" else "no"),
+    ("Is it alive?", lambda c: "yes" if FACTS[c][0] == "animal" else "no"),
+]
+
+
+def make_data(n: int, seed: int, noise: float = 0.05) -> tuple[torch.Tensor, list[list[tuple[str, str]]]]:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(1234).normal(size=(len(CLASSES), DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.integers(0, len(CLASSES), n)
+    emb = centres[labels] + noise * rng.normal(size=(n, DIM))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    r = random.Random(seed)
+    convs = [[(q, f(CLASSES[c])) for q, f in r.sample(QUESTIONS, 5)] for c in labels]
+    return torch.tensor(emb, dtype=torch.float16).unsqueeze(1), convs
+
+
+def small_params(**kw) -> Phi2Params:
+    # The LM warm-up is what makes the frozen 4-bit base learnable through LoRA in few steps.
+    p = Phi2Params(tiny=TinyLMParams(vocab_size=512, hidden_size=64, layers=2, heads=4, warmup_steps=300,
+                                     warmup_lr=3e-3),
+                   prefix_tokens=4, max_new_tokens=8, max_seq_len=160,
+                   train=TrainParams(epochs=2, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_ratio=0.05,
+                                     grad_clip=0.5, checkpoint_every=0, device="cpu"))
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from vlmpipe.models.tiny_lm import build_tiny_lm
+    from vlmpipe.text import EOS
+
+    tr_emb, tr_convs = make_data(N_TRAIN, 0)
+    te_emb, te_convs = make_data(N_TEST, 1)
+    texts = [V.conversation_text(c, EOS)[: -len(EOS)] for c in tr_convs]
+    base = build_tiny_lm("phi", small_params().tiny, texts, tmp_path_factory.mktemp("base") / "tiny_phi", seed=0)
+    return {"base": base, "train": (tr_emb, tr_convs), "test": (te_emb, te_convs)}
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    """A model trained through the shared loop (a few seconds of CPU), and its held-out metrics."""
+    from vlmpipe.train import TrainTask, fit
+
+    p = small_params()
+    torch.manual_seed(0)
+    model = V.build_vlm(p, world["base"], "cpu", encoder={"name": "test"}, siglip_dir="../siglip")
+    train = V.QADataset(model.tokenizer, *world["train"], max_tokens=p.max_seq_len)
+    val = V.QADataset(model.tokenizer, *world["test"], max_tokens=p.max_seq_len)
+    questions = V.eval_questions(val, 5 * N_TEST)
+    tmp = tmp_path_factory.mktemp("fit")
+    task = TrainTask("phi2_vlm", model, train, model.collate_fn, optimizer="paged_adamw",
+                     evaluate=lambda m, epoch: V.evaluate_qa(m, val, 64, questions))
+    res = fit(task, p.train, seed=0, ckpt_dir=tmp / "ckpt", report_dir=tmp / "reports", identity={"test": 1})
+    return {"model": model, "val": val, "questions": questions, "metrics": res.metrics, "tmp": tmp}
+
+
+# ---------------------------------------------------------------- template and labels
+
+def test_labels_cover_exactly_the_answers_and_their_eos(world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(world["base"]))
+    emb, convs = world["train"]
+    convs = [convs[0], convs[1][:2], convs[2][:1]]  # different lengths: padding is exercised
+    data = V.QADataset(tok, emb[:3], convs)
+    batch = V.collate([data[i] for i in range(3)], pad_token_id=tok.pad_token_id)
+    lens = [len(data.encoded[i][0]) for i in range(3)]
+    assert batch["input_ids"].shape == (3, max(lens))  # dynamic padding: the longest in the batch
+    assert batch["embeddings"].shape == (3, 1, DIM)
+    for i, turns in enumerate(convs):
+        ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
+        assert mask.sum() == lens[i] and (labels[lens[i]:] == -100).all()  # padding carries no label
+        on = labels != -100
+        assert (labels[on] == ids[on]).all()  # a label is the token at its own position (the LM shifts)
+        expected = []
+        for _, a in turns:  # tokenized independently of the conversation
+            expected += tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert labels[on].tolist() == expected
+        # Every labelled run is one answer followed by EOS; what is not labelled is question text.
+        runs = "".join("1" if x else "0" for x in on.tolist())
+        assert runs.count("01") == len(turns)
+        unlabelled = tok.decode(ids[:lens[i]][~on[:lens[i]]])
+        assert unlabelled == "".join(V.question_text(q) for q, _ in turns)
+
+
+def test_prompt_is_the_conversation_prefix(world):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(world["base"]))
+    turns = world["train"][1][3]
+    ids, _ = V.encode_conversation(tok, turns)
+    prompt = V.encode_prompt(tok, turns[2][0], turns[:2])
+    assert ids[:len(prompt)] == prompt  # what training saw before answer 3 is what inference feeds
+    assert V.encode_prompt(tok, "q?", turns, max_tokens=20)[-len(V._ids(tok, V.question_text("q?"))):] \
+        == V._ids(tok, V.question_text("q?"))
+
+
+# ---------------------------------------------------------------- loading
+
+def test_base_is_4bit_and_only_lora_and_projector_train(world):
+    import bitsandbytes as bnb
+
+    model = V.build_vlm(small_params(), world["base"], "cpu")
+    base = model.lm.get_base_model()
+    layer = base.model.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj", "dense"):
+        lin = getattr(layer.self_attn, name).base_layer
+        assert isinstance(lin, bnb.nn.Linear4bit) and isinstance(lin.weight, bnb.nn.Params4bit)
+        assert lin.weight.quant_type == "nf4" and lin.weight.quant_state.nested  # double quantization
+    for name in ("fc1", "fc2"):
+        assert isinstance(getattr(layer.mlp, name).base_layer, bnb.nn.Linear4bit)
+    trainable = [n for n, q in model.named_parameters() if q.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("projector.") for n in trainable)
+    assert any("lora_A" in n for n in trainable) and any(n.startswith("projector.") for n in trainable)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) and m.weight.requires_grad for m in model.modules())
+
+
+def test_full_precision_base_for_comparison(world):
+    import bitsandbytes as bnb
+
+    model = V.build_vlm(small_params(load_in_4bit=False, gradient_checkpointing=False), world["base"], "cpu")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert all("lora_" in n or n.startswith("projector.") for n, q in model.named_parameters() if q.requires_grad)
+
+
+def test_flash_attention_without_cuda_is_a_clear_error(world):
+    with pytest.raises(UserError, match="attn_implementation: flash_attention_2"):
+        V.build_vlm(small_params(attn_implementation="flash_attention_2"), world["base"], "cpu")
+
+
+def test_missing_model_dir_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no trained QA model"):
+        V.load_vlm(tmp_path / "nope", "cpu")
+
+
+# ---------------------------------------------------------------- training, saving, answering
+
+def test_heldout_accuracy_beats_blind_baseline(trained, world):
+    from vlmpipe.evaluation import BlindBaseline, normalize_answer
+
+    blind = BlindBaseline((q, a, "t") for c in world["train"][1] for q, a in c)
+    val, qs = trained["val"], trained["questions"]
+    truth = [val.conversations[i][j] for i, j in qs]
+    blind_acc = sum(normalize_answer(blind(q)) == normalize_answer(a) for q, a in truth) / len(truth)
+    preds = V.predict_turns(trained["model"], val, qs)
+    acc = sum(normalize_answer(p) == normalize_answer(a) for p, (_, a) in zip(preds, truth)) / len(truth)
+    assert acc == pytest.approx(trained["metrics"]["exact_match"])
+    assert acc >= blind_acc + 0.15, (acc, blind_acc)
+    # Teacher-forced answer accuracy and greedy exact match agree up to normalisation.
+    assert abs(trained["metrics"]["val_answer_acc"] - acc) < 0.05
+
+
+def test_greedy_answers_are_deterministic_and_batch_independent(trained):
+    model, val = trained["model"], trained["val"]
+    qs = [(i, j) for i in range(4) for j in (0, 3)]
+    batched = V.predict_turns(model, val, qs, batch_size=8)
+    single = [V.answer(model, val.embeddings[i], val.conversations[i][j][0], val.conversations[i][:j]) for i, j in qs]
+    assert batched == single == V.predict_turns(model, val, qs, batch_size=3)
+
+
+def test_save_then_load_gives_the_same_answers(trained, tmp_path):
+    model, val = trained["model"], trained["val"]
+    out = tmp_path / "phi2_vlm"
+    model.save(out)
+    for f in ("vlm_config.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+              "projector.safetensors", "projector.json", "tokenizer", "base/config.json", "base/model.safetensors"):
+        assert (out / f).exists(), f
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    cfg = V.read_json(out / "vlm_config.json")
+    assert cfg["base_model"] == "base" and cfg["template"] == V.TEMPLATE and cfg["encoder"] == {"name": "test"}
+    loaded = V.load_vlm(out, "cpu")
+    qs = [(i, j) for i in range(6) for j in range(5)]
+    assert V.predict_turns(loaded, val, qs) == V.predict_turns(model, val, qs)
+    assert not loaded.training
+
+
+# ---------------------------------------------------------------- command line
+
+@pytest.fixture(scope="module")
+def cli_model(trained, tmp_path_factory):
+    """models/phi2_vlm + models/siglip side by side, as the pipeline writes them, and an image file."""
+    from PIL import Image
+
+    from vlmpipe.models.siglip import build_siglip
+    from vlmpipe.params import SiglipParams
+
+    from vlmpipe.embeddings import siglip_identity
+
+    root = tmp_path_factory.mktemp("models")
+    tower = build_siglip(SiglipParams(), ["a photo of a cat", "a photo of a dog", "what is this animal?"])
+    tower.eval()
+    tower.save(root / "siglip")
+    model = trained["model"]
+    info = dict(model.info)
+    model.info["encoder"] = siglip_identity(root / "siglip")  # as the stage records it
+    try:
+        model.save(root / "phi2_vlm")  # config records siglip_dir "../siglip"
+    finally:
+        model.info = info
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = root / "cat.png"
+    Image.fromarray(img).save(path)
+    return root, path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmpipe", "ask", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_ask_answers_an_image_file(cli_model):
+    from vlmpipe.models.siglip import load_siglip
+
+    root, image = cli_model
+    question, history = "How many legs does it have?", [("What is in the image?", "cat")]
+    r = _cli(str(image), question, "--history", *history[0], "--model", str(root / "phi2_vlm"))
+    assert r.returncode == 0, r.stderr
+    # The same answer as encoding the file with the recorded SigLIP tower in-process.
+    model = V.load_vlm(root / "phi2_vlm", "cpu")
+    emb = V.encode_image(load_siglip(root / "siglip"), V.read_image(image), model)
+    expected = V.answer(model, emb, question, history)
+    assert r.stdout == expected + "\n"
+    assert V.ask_file(root / "phi2_vlm", image, question, history, device="cpu") == expected
+
+
+def test_cli_missing_or_broken_image_is_one_line_error(cli_model, tmp_path):
+    root, _ = cli_model
+    r = _cli(str(tmp_path / "missing.png"), "What is it?", "--model", str(root / "phi2_vlm"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: image file not found"]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(UserError, match="^" + re.escape(f"{bad}: cannot read image")):  # in-process: one interpreter start is enough
+        V.ask_file(root / "phi2_vlm", bad, "What is it?", device="cpu")

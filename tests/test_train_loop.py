@@ -1,0 +1,201 @@
+"""The shared training loop: resume equals an uninterrupted run (after an exception and after a real
+SIGKILL), identity changes start fresh, gradient accumulation, outputs and checkpoint contents."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmpipe.errors import UserError
+from vlmpipe.train import fit, trainable_state
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _toy_train import make_cfg, make_task  # noqa: E402
+
+TOY_SCRIPT = Path(__file__).parent / "_toy_train.py"
+
+
+def _run(tmp: Path, task=None, cfg=None, identity=None, **kw):
+    task = task or make_task(**kw)
+    res = fit(task, cfg or make_cfg(), seed=0, ckpt_dir=tmp / "ckpt", report_dir=tmp / "reports",
+              identity=identity or {"toy": 1})
+    return task, res
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
+    full_task, full = _run(tmp_path / "full")
+    # 24 steps of 16 samples; crash in step 13 (after the checkpoint at step 10, inside epoch 3).
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "resumed", crash_after=12 * 16 + 5)
+    assert sorted(p.name for p in (tmp_path / "resumed/ckpt").iterdir()) == ["step_00000010"]
+    task, res = _run(tmp_path / "resumed")
+    assert res.resumed_from_step == 10
+    _assert_same_weights(trainable_state(full_task.model), trainable_state(task.model))
+    assert res.metrics == full.metrics
+    losses = lambda d: [r["loss"] for r in _rows(d / "reports/train_curve.csv")]  # noqa: E731
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
+    assert _rows(tmp_path / "resumed/reports/val_curve.csv") == _rows(tmp_path / "full/reports/val_curve.csv")
+
+
+def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def script(d: Path, sleep: float) -> list[str]:
+        return [sys.executable, str(TOY_SCRIPT), str(d / "ckpt"), str(d / "reports"), str(d / "w.safetensors"), str(sleep)]
+
+    full = tmp_path / "full"
+    subprocess.run(script(full, 0.0), check=True, env=env, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(script(killed, 0.01), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "ckpt/step_00000010").exists():  # the second checkpoint: well inside the run
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few more steps past the checkpoint, which the rerun must redo
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "w.safetensors").exists()
+
+    subprocess.run(script(killed, 0.0), check=True, env=env, capture_output=True, timeout=300)
+    info = json.loads((killed / "w.safetensors.json").read_text())
+    assert info["resumed_from_step"] >= 10
+    _assert_same_weights(load_file(full / "w.safetensors"), load_file(killed / "w.safetensors"))
+    assert info["metrics"] == json.loads((full / "w.safetensors.json").read_text())["metrics"]
+
+
+def test_two_ranks_with_grad_accumulation_match_one_process(tmp_path):
+    """torchrun, 2 ranks x 2 micro-batches of 4 (no_sync on the first) == 1 process x 1 batch of 16."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = {}
+    for name, cmd in (("one", [sys.executable]), ("two", [str(torchrun), "--standalone", "--nproc_per_node=2"])):
+        d = tmp_path / name
+        accum = "1" if name == "one" else "2"
+        r = subprocess.run(cmd + [str(TOY_SCRIPT), str(d / "ckpt"), str(d / "reports"), str(d / "w.safetensors"),
+                                  "0", accum, "1"], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = load_file(d / "w.safetensors")
+    for k in out["one"]:
+        torch.testing.assert_close(out["one"][k], out["two"][k], rtol=1e-5, atol=1e-6)
+    identity = json.loads(next((tmp_path / "two/ckpt").glob("step_*/identity.json")).read_text())
+    assert identity["world_size"] == 2
+
+
+def test_identity_change_starts_fresh_with_a_warning(tmp_path, caplog):
+    _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2))
+    assert (tmp_path / "ckpt/step_00000006").exists()
+    with caplog.at_level(logging.WARNING, logger="vlmpipe.train"):
+        _, res = _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2), identity={"toy": 2})
+    assert res.resumed_from_step == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "different settings" in warning and "toy: 1 -> 2" in warning
+    # Same identity again: it resumes the (new) finished run instead of training.
+    _, res = _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2), identity={"toy": 2})
+    assert res.resumed_from_step == 6
+
+
+def test_finished_run_resumes_to_the_same_result(tmp_path):
+    task1, r1 = _run(tmp_path)
+    task2, r2 = _run(tmp_path)
+    assert r2.resumed_from_step == r2.steps == 24
+    assert r2.metrics == r1.metrics
+    _assert_same_weights(trainable_state(task1.model), trainable_state(task2.model))
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    # No BatchNorm and no dropout: then 2 micro-batches of 8 are mathematically one batch of 16.
+    a, _ = _run(tmp_path / "a", cfg=make_cfg(grad_accum=1), bn=False, dropout=0.0)
+    b, _ = _run(tmp_path / "b", cfg=make_cfg(grad_accum=2), bn=False, dropout=0.0)
+    sa, sb = trainable_state(a.model), trainable_state(b.model)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+    la = [float(r["loss"]) for r in _rows(tmp_path / "a/reports/train_curve.csv")]
+    lb = [float(r["loss"]) for r in _rows(tmp_path / "b/reports/train_curve.csv")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    a, _ = _run(tmp_path / "a", evaluate=True)
+    b, _ = _run(tmp_path / "b", evaluate=False)
+    _assert_same_weights(trainable_state(a.model), trainable_state(b.model))
+
+
+def test_outputs_and_checkpoint_contents(tmp_path):
+    task, res = _run(tmp_path)
+    assert res.steps == 24 and res.samples_per_s > 0 and res.tokens_per_s == pytest.approx(3 * res.samples_per_s)
+    rows = _rows(tmp_path / "reports/train_curve.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 25))
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s"}
+    lrs = [float(r["lr"]) for r in rows]
+    warm = round(0.1 * 24)
+    assert lrs[:warm] == sorted(lrs[:warm]) and lrs[warm - 1] == pytest.approx(1e-2)  # linear warmup
+    assert lrs[warm:] == sorted(lrs[warm:], reverse=True) and lrs[-1] < 1e-3        # cosine decay
+    val = _rows(tmp_path / "reports/val_curve.csv")
+    assert [(int(r["epoch"]), int(r["step"])) for r in val] == [(1, 6), (2, 12), (3, 18), (4, 24)]
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["val_mse"] == res.metrics["val_mse"] and metrics["steps"] == 24
+
+    (ck,) = (tmp_path / "ckpt").iterdir()  # older checkpoints are pruned
+    assert ck.name == "step_00000024"
+    weights = load_file(ck / "trainable.safetensors")
+    assert "net.0.weight" in weights and "net.1.running_mean" in weights  # trainable + BatchNorm statistics
+    assert not any(k.startswith("frozen.") for k in weights)              # frozen weights are not copied
+    state = torch.load(ck / "state.pt", weights_only=True)
+    assert state["step"] == 24 and {"optimizer", "scheduler", "rng", "train_rows", "val_rows"} <= set(state)
+    assert json.loads((ck / "identity.json").read_text()) == {"toy": 1, "seed": 0, "world_size": 1}
+
+
+def test_batch_size_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="batch_size.*divisible"):
+        _run(tmp_path, cfg=make_cfg(batch_size=15, grad_accum=2))
+    with pytest.raises(UserError, match="batch_size.*larger than the training set"):
+        _run(tmp_path, cfg=make_cfg(batch_size=128))
+
+
+class _FakeRun:
+    def __init__(self) -> None:
+        self.metrics: list[tuple[dict, int | None]] = []
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((dict(metrics), step))
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(Path(path).name)
+
+
+def test_mlflow_run_gets_curves_metrics_and_artifacts(tmp_path):
+    run = _FakeRun()
+    task = make_task()
+    fit(task, make_cfg(), seed=0, ckpt_dir=tmp_path / "ckpt", report_dir=tmp_path / "reports", identity={}, run=run)
+    train_steps = [s for m, s in run.metrics if "train/loss" in m]
+    assert train_steps == list(range(1, 25))  # <= 200 steps: every step
+    assert {"train/lr", "train/samples_per_s", "train/tokens_per_s"} <= set(run.metrics[0][0])
+    assert [s for m, s in run.metrics if "val/val_mse" in m] == [6, 12, 18, 24]
+    final = [m for m, s in run.metrics if "final/val_mse" in m]
+    assert final and final[0]["final/steps"] == 24
+    assert sorted(run.artifacts) == ["metrics.json", "train_curve.csv", "val_curve.csv"]

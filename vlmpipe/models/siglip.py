@@ -1,0 +1,305 @@
+"""SigLIP: image tower + text tower + sigmoid loss; training data, held-out metrics, save/load.
+
+    model = build_siglip(params.siglip, train_texts)       # trains the BPE for the "small" text tower
+    out = model(batch)                                     # dict(loss, samples, tokens) for vlmpipe.train
+    model.save(dir); model = load_siglip(dir)              # safetensors + config.json + tokenizer/
+    model.encode_images(uint8 NHWC) / model.encode_texts(list[str])  # L2-normalised, float32, CPU
+
+Images arrive as uint8 HxWx3 (numpy or tensor) and are preprocessed on the
+model's device: resized to ``image_size`` (bilinear, antialiased) and
+normalised with the ImageNet mean/std (what torchvision's ImageNet weights
+expect; harmless for a randomly initialised tower).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmpipe.errors import UserError
+from vlmpipe.models.image_tower import ImageTower
+from vlmpipe.models.sigmoid_loss import SigmoidLoss
+from vlmpipe.models.text_tower import TextTower
+
+FORMAT = "vlmpipe-siglip"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONFIG_KEYS = ("backbone", "image_size", "embed_dim", "text_encoder", "text_width", "text_layers", "text_max_tokens")
+
+
+class SigLIP(nn.Module):
+    def __init__(self, config: dict, tokenizer, pretrained: bool = False) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:  # e.g. a GPT-2-style hub tokenizer
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        c = self.config
+        self.image_tower = ImageTower(c["backbone"], c["embed_dim"], pretrained=pretrained)
+        self.text_tower = TextTower(c["text_encoder"], c["embed_dim"], vocab_size=len(tokenizer),
+                                    width=c["text_width"], layers=c["text_layers"], max_tokens=c["text_max_tokens"])
+        self.loss_fn = SigmoidLoss(init_temperature=10.0, init_bias=-10.0)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    # ---- inputs
+
+    def preprocess(self, images) -> torch.Tensor:
+        """uint8 [N, H, W, 3] (numpy or tensor) -> normalised float [N, 3, S, S] on the model's device."""
+        x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images, dtype=np.uint8))  # a copy: may be read-only
+        if x.dim() != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {tuple(x.shape)}")
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        s = self.image_size
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return (x - self.mean) / self.std
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=int(self.config["text_max_tokens"]), return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    # ---- training
+
+    def forward(self, batch: dict) -> dict:
+        """batch: images uint8 [n, H, W, 3], input_ids / attention_mask [n, T], text_ids [n] (equal = same text)."""
+        img = self.image_tower(self.preprocess(batch["images"]))
+        txt = self.text_tower(batch["input_ids"], batch["attention_mask"])
+        return {"loss": self.loss_fn(img, txt, batch["text_ids"]), "samples": img.shape[0], "tokens": 0}
+
+    def param_groups(self, lr: float, weight_decay: float, logit_lr_mult: float) -> list[dict]:
+        """Optimizer groups: decayed matrices, undecayed vectors, and the temperature and bias at
+        ``lr * logit_lr_mult`` (they have to travel from log 10 / -10 to their working values fast)."""
+        logit = [self.loss_fn.log_temperature, self.loss_fn.bias]
+        rest = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in logit)]
+        return [{"params": [p for p in rest if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
+                {"params": [p for p in rest if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
+                {"params": logit, "lr": lr * logit_lr_mult, "weight_decay": 0.0}]
+
+    # ---- inference
+
+    @torch.no_grad()
+    def encode_images(self, images, batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] (float32, CPU). Call in eval mode (BatchNorm)."""
+        out = [self.image_tower(self.preprocess(images[i:i + batch_size])).float().cpu()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.config["embed_dim"])
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings [N, D] (float32, CPU). Call in eval mode (BatchNorm)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
+            out.append(self.text_tower(enc["input_ids"], enc["attention_mask"]).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.config["embed_dim"])
+
+    # ---- persistence
+
+    def _saved_state(self) -> dict[str, torch.Tensor]:
+        # A frozen hub text encoder is referenced by its id, not copied.
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if not k.startswith("text_tower.encoder.model.")}
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path/`` (model.safetensors, config.json, tokenizer/). Wrap in ``vlmpipe.io.atomic_path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self._saved_state(), str(path / "model.safetensors"), metadata={"format": FORMAT})
+        (path / "config.json").write_text(json.dumps({"format": FORMAT, "version": 1, **self.config}, indent=2) + "\n")
+        self.tokenizer.save_pretrained(str(path / "tokenizer"))
+
+
+def build_siglip(p, train_texts: Sequence[str]) -> SigLIP:
+    """A fresh model from ``SiglipParams``; the small text tower gets a BPE trained on ``train_texts``."""
+    config = {k: getattr(p, k) for k in CONFIG_KEYS}
+    config["class_prompts"] = []  # set by the stage: the zero-shot prompts, one per class
+    if p.text_encoder == "small":
+        from vlmpipe.text import train_bpe_tokenizer
+
+        tokenizer = train_bpe_tokenizer(train_texts, p.text_vocab_size)
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(p.text_encoder)
+        except (OSError, ValueError) as e:
+            raise UserError(f"siglip.text_encoder: cannot load the tokenizer of {p.text_encoder!r} "
+                            f"({str(e).splitlines()[0][:200]})") from None
+    return SigLIP(config, tokenizer, pretrained=p.pretrained)
+
+
+def load_siglip(path: str | Path, device: str | torch.device = "cpu") -> SigLIP:
+    """Load a model written by ``SigLIP.save`` (eval mode, on ``device``)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    for need in ("config.json", "model.safetensors", "tokenizer"):
+        if not (path / need).exists():
+            raise UserError(f"{path}: not a saved SigLIP model (no {need}); run `dvc repro train_siglip`")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("format") != FORMAT:
+        raise UserError(f"{path / 'config.json'}: not a SigLIP config (format {config.get('format')!r})")
+    model = SigLIP({k: v for k, v in config.items() if k not in ("format", "version")},
+                   AutoTokenizer.from_pretrained(str(path / "tokenizer")))
+    state = load_file(str(path / "model.safetensors"))
+    missing = [k for k in model._saved_state() if k not in state]
+    if missing:
+        raise UserError(f"{path / 'model.safetensors'}: incomplete, missing {missing[:3]}")
+    model.load_state_dict(state, strict=False)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- training data from the Q/A CSV
+
+
+@dataclass
+class SplitTexts:
+    """Texts of one split's images from the Q/A CSV.
+
+    captions[i]: composed from the row's answers by question type, "a photo of a red circle on a
+    dark background" (parts the row does not ask about are left out; None without a row);
+    complete[i]: the caption names class, colour and background; qa_texts[i]: each "question
+    answer" pair of the row; prompts[c]: the class prompt "a photo of a circle"."""
+
+    captions: list
+    complete: list[bool]
+    qa_texts: list[list[str]]
+    prompts: list[str]
+
+
+def image_texts(df, split: str, n_images: int, label_names: list[str]) -> SplitTexts:
+    from vlmpipe.data.qa import A_COLS, Q_COLS, T_COLS, class_prompts
+
+    out = SplitTexts([None] * n_images, [False] * n_images, [[] for _ in range(n_images)], class_prompts(label_names))
+    for r in df[df["Split"] == split].itertuples(index=False):
+        d = r._asdict()
+        i, label = int(d["Dataset_Index"]), str(d["Class_Label"])
+        by_type = {d[t]: d[a] for q, a, t in zip(Q_COLS, A_COLS, T_COLS) if d[q]}
+        colour, bg = by_type.get("colour"), by_type.get("brightness")
+        cap = " ".join(w for w in (colour, label) if w)
+        if bg in ("light", "dark"):
+            cap += f" on a {bg} background"
+        out.captions[i] = f"a photo of {'an' if cap[0] in 'aeiou' else 'a'} {cap}"
+        out.complete[i] = bool(colour) and bg in ("light", "dark")
+        out.qa_texts[i] += [f"{d[q]} {d[a]}" for q, a in zip(Q_COLS, A_COLS) if d[q]]
+    return out
+
+
+class ImageTextPairs(torch.utils.data.Dataset):
+    """CIFAR images, each with several texts; one text per image and epoch is chosen
+    deterministically from (seed, epoch), so runs, resumes and DDP shardings agree.
+
+    Why this mix: the class prompt aligns images with what zero-shot classification
+    asks; the composed caption adds colour and background, so the image embedding
+    also carries what the VQA stage asks about (a class-only signal would teach
+    the tower to ignore colour); the "question answer" texts tie in the CSV's own
+    wording and facts. Identical strings get one text id: they are positives for
+    each other's images in the sigmoid loss, never negatives.
+    """
+
+    PROMPT_P = 0.4   # class prompt (what zero-shot classification asks)
+    CAPTION_P = 0.3  # composed caption (class + colour + background); the rest: one Q/A pair
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, prompts: list[str], captions: list, qa_texts: list[list[str]],
+                 tokenizer, max_tokens: int, seed: int) -> None:
+        self.images, self.labels, self.seed = images, labels, seed
+        self.choices = [[prompts[int(lab)], cap or prompts[int(lab)], *qa] for lab, cap, qa in zip(labels, captions, qa_texts)]
+        self.vocab = sorted({t for c in self.choices for t in c})
+        index = {t: k for k, t in enumerate(self.vocab)}
+        self.choice_ids = [[index[t] for t in c] for c in self.choices]
+        self.token_ids = tokenizer(self.vocab, truncation=True, max_length=max_tokens)["input_ids"]
+        self.pad_id = tokenizer.pad_token_id
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        u, v = rng.random(len(self.images)), rng.random(len(self.images))
+        self.pick = []
+        for i, ids in enumerate(self.choice_ids):  # ids: [prompt, caption, *qa pairs]
+            if u[i] < self.PROMPT_P:
+                k = 0
+            elif u[i] < self.PROMPT_P + self.CAPTION_P or len(ids) == 2:
+                k = 1
+            else:
+                k = 2 + int(v[i] * (len(ids) - 2))
+            self.pick.append(ids[k])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.pick[i]
+
+    def collate(self, items: list) -> dict:
+        imgs, tids = zip(*items)
+        toks = [self.token_ids[t] for t in tids]
+        T = max(len(t) for t in toks)
+        ids = torch.full((len(toks), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(toks), T), dtype=torch.long)
+        for j, t in enumerate(toks):
+            ids[j, :len(t)], mask[j, :len(t)] = torch.tensor(t), 1
+        return {"images": torch.from_numpy(np.stack(imgs)), "input_ids": ids, "attention_mask": mask,
+                "text_ids": torch.tensor(tids, dtype=torch.long)}
+
+
+# ---------------------------------------------------------------- held-out metrics
+
+
+def _recall_chance(q: np.ndarray, n: int, k: int) -> float:
+    """Mean over queries of P(a random ranking of n items puts one of the query's q matches in the top k)."""
+    return float(np.mean([1.0 - math.comb(n - int(qi), k) / math.comb(n, k) for qi in q]))
+
+
+def retrieval_metrics(model: SigLIP, images: np.ndarray, labels: np.ndarray, prompts: list[str],
+                      captions: list[str]) -> dict[str, float]:
+    """Zero-shot classification over ``prompts`` (one per class) and image<->text recall@1/5.
+
+    Retrieval runs over N held-out (image, caption) pairs; ``captions[i]`` is
+    None for images left out of it (pass only complete captions: a caption
+    that omits the colour is also true of a red circle, and would count as a
+    wrong answer). Captions repeat (many images are "a photo of a red circle
+    on a dark background") and identical texts cannot be told apart, so a
+    retrieved item counts as correct when its caption is the query's. The
+    chance level is then the same for both directions: the mean over pairs of
+    1 - C(N - q, k) / C(N, k), q the number of pairs sharing the query's caption.
+    """
+    img = model.encode_images(images)
+    zs = (img @ model.encode_texts(prompts).t()).argmax(1).numpy()
+    out = {"zero_shot_acc": float((zs == labels).mean()), "zero_shot_chance": 1.0 / len(prompts)}
+    keep = [i for i, c in enumerate(captions) if c]
+    if len(keep) < 2:
+        return out
+    img, captions = img[keep], [captions[i] for i in keep]
+    uniq = sorted(set(captions))
+    cap_id = torch.tensor([uniq.index(c) for c in captions])
+    txt = model.encode_texts(uniq)[cap_id]  # [N, D], one row per pair
+    sims = img @ txt.t()                    # [N images, N texts]
+    same = cap_id[:, None] == cap_id[None, :]
+    n = len(captions)
+    q = same.sum(1).numpy()
+    for k in (1, 5):
+        k_ = min(k, n)
+        i2t = sims.topk(k_, dim=1).indices            # texts for each image
+        t2i = sims.t().topk(k_, dim=1).indices        # images for each text
+        out[f"i2t_r{k}"] = float(same.gather(1, i2t).any(1).float().mean())
+        out[f"t2i_r{k}"] = float(same.gather(1, t2i).any(1).float().mean())
+        out[f"r{k}_chance"] = _recall_chance(q, n, k_)
+    return out

@@ -1,0 +1,476 @@
+"""THE training loop, shared by train_siglip, train_phi2_qlora and train_gpt2_captioner.
+
+One visible loop in ``fit`` (nanoGPT-style), not a framework. A stage builds a
+``TrainTask`` and calls::
+
+    result = fit(task, params.siglip.train, seed=params.seed,
+                 ckpt_dir=Path("models/checkpoints/siglip"), report_dir=Path("reports/siglip"),
+                 identity={"siglip": to_dict(params.siglip), "seed": params.seed, "data": data_hash},
+                 run=run)  # -> FitResult(metrics, samples_per_s, tokens_per_s, steps, ...)
+
+Contract:
+
+- ``task.model.forward(batch: dict) -> dict(loss=Tensor, samples=int, tokens=int)``;
+  ``tokens`` may be 0 (then tokens/s is not shown). Only parameters with
+  ``requires_grad`` are optimized and checkpointed (plus persistent buffers,
+  e.g. BatchNorm statistics, which training also changes).
+- ``cfg.batch_size`` is the GLOBAL number of samples per optimizer step. Each
+  of the W ranks (``torchrun``) gets B / W of them, in ``cfg.grad_accum``
+  micro-batches of B / (W * grad_accum): changing W or grad_accum does not
+  change what one step sees. A last partial batch of an epoch is dropped.
+- Data order: a permutation per epoch from ``torch.Generator`` seeded with
+  ``seed + epoch``, so the position (epoch, batch) fully determines the next
+  batch and a resumed run sees the same batches. A dataset with ``set_epoch``
+  gets it called at each epoch start (for per-epoch choices such as which of
+  an image's texts to use, made deterministically from seed, epoch and index).
+- ``task.param_groups(model, lr)`` may return optimizer groups (group 0 is the
+  one whose lr is logged); default: weight decay on matrices only.
+- ``task.evaluate(model, epoch)`` runs after every epoch on rank 0, on the
+  unwrapped model in eval mode under ``no_grad``; the RNG state is saved and
+  restored around it, so evaluating never changes the training trajectory.
+- Checkpoints: ``ckpt_dir/step_XXXXXXXX/`` every ``cfg.checkpoint_every``
+  optimizer steps and at the end; fit resumes from the latest automatically.
+  A checkpoint whose ``identity`` (+ seed, world size) differs is reported
+  with the keys that changed, deleted, and training starts fresh.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vlmpipe.errors import UserError
+from vlmpipe.io import atomic_path, write_json
+from vlmpipe.params import TrainParams, flatten
+from vlmpipe.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainTask:
+    name: str
+    model: nn.Module
+    train_data: Dataset
+    collate: Callable[[list], dict]
+    param_groups: Callable[[nn.Module, float], list[dict]] | None = None
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
+    optimizer: str = "adamw"  # or "paged_adamw" (bitsandbytes PagedAdamW32bit, CUDA only)
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]  # the last evaluation's metrics ({} without task.evaluate)
+    samples_per_s: float
+    tokens_per_s: float
+    steps: int
+    train_seconds: float = 0.0
+    resumed_from_step: int = 0
+
+
+# --------------------------------------------------------------------- distributed
+
+
+def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun, joins the process group (nccl on CUDA, gloo on CPU)."""
+    device = resolve_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if dist.get_rank() != 0:  # rank-0-only logging: other ranks speak up only for problems
+                logging.getLogger().setLevel(logging.WARNING)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)  # every rank's output depends on our input
+        return g
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the global batch on any backend.
+
+    torch's SyncBatchNorm is CUDA-only; without this, W ranks would each
+    normalise B/W samples and a DDP run would not match a 1-process run.
+    """
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        n = _AllReduceWithGrad.apply(torch.tensor(float(x.numel() // x.shape[1])))
+        mean = _AllReduceWithGrad.apply(x.sum(dims)) / n
+        var = _AllReduceWithGrad.apply(((x - mean.view(shape)) ** 2).sum(dims)) / n  # two-pass, like BN
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * n / (n - 1), m)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def _sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            if child.affine:  # keep the very Parameter objects (optimizer groups may hold them)
+                new.weight, new.bias = child.weight, child.bias
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            _sync_batchnorm(child, device)
+    return module
+
+
+# --------------------------------------------------------------------- state
+
+
+def _rng_state(device: torch.device) -> dict:
+    ver, key, gauss = random.getstate()
+    np_state = np.random.get_state()
+    s = {"python": [ver, list(key), gauss], "torch": torch.get_rng_state(),
+         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def _set_rng_state(s: dict, device: torch.device) -> None:
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters + persistent buffers (BatchNorm statistics change during training too)."""
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for mod_name, mod in model.named_modules():
+        for b_name, b in mod.named_buffers(recurse=False):
+            if b is not None and b_name not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{b_name}" if mod_name else b_name] = b
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step_*") if (p / "state.pt").exists())
+
+
+def _save_checkpoint(ckpt_dir: Path, model: nn.Module, state: dict, identity: dict) -> None:
+    final = ckpt_dir / f"step_{state['step']:08d}"
+    with atomic_path(final) as tmp:  # a kill mid-write leaves only a hidden temp dir
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "identity.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
+    for old in _checkpoints(ckpt_dir):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt_dir: Path, identity: dict, model: nn.Module, main: bool) -> dict | None:
+    """Load the latest matching checkpoint's weights into ``model``; return its state dict."""
+    ckpts = _checkpoints(ckpt_dir)
+    if not ckpts:
+        return None
+    latest = ckpts[-1]
+    saved = json.loads((latest / "identity.json").read_text())
+    if saved != identity:
+        if main:
+            log.warning("checkpoint %s was made with different settings (%s); starting fresh and deleting it",
+                        latest, "; ".join(_diff(saved, identity)[:10]))
+        barrier()  # every rank has decided before rank 0 deletes
+        if main:
+            for p in ckpts:
+                shutil.rmtree(p, ignore_errors=True)
+        return None
+    weights = load_file(str(latest / "trainable.safetensors"))
+    missing = set(trainable_state(model)) - set(weights)
+    if missing:
+        raise UserError(f"{latest}: checkpoint lacks {sorted(missing)[:5]} (delete {ckpt_dir} to start fresh)")
+    model.load_state_dict(weights, strict=False)
+    state = torch.load(latest / "state.pt", weights_only=True)
+    if main:
+        log.info("resuming %s from %s (step %d)", ckpt_dir.name, latest, state["step"])
+    return state
+
+
+def fingerprint(*paths: str | os.PathLike) -> str:
+    """sha256 over the files under ``paths`` (names and bytes): put it in a stage's checkpoint
+    identity so a checkpoint trained on other data is never resumed."""
+    h = hashlib.sha256()
+    for root in map(Path, paths):
+        for f in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
+            h.update(str(f.relative_to(root.parent)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# --------------------------------------------------------------------- the loop
+
+
+def _default_groups(model: nn.Module, lr: float, wd: float) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # nanoGPT: decay matrices (weights of linears / convs / embeddings), not biases, norms or scalars.
+    return [{"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": wd},
+            {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0}]
+
+
+def _optimizer(kind: str, groups: list[dict], cfg: TrainParams, device: torch.device) -> torch.optim.Optimizer:
+    if kind == "paged_adamw":
+        if device.type == "cuda":
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW32bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        log.info("paged_adamw needs CUDA; using torch AdamW on %s", device)
+    elif kind != "adamw":
+        raise ValueError(f"unknown optimizer {kind!r}")
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:  # multiplier on each group's lr for optimizer step ``step`` (0-based)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def _epoch_batches(n: int, cfg: TrainParams, seed: int, epoch: int, first: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches (as index lists) from global batch ``first`` to the end of ``epoch``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    B, per_rank = cfg.batch_size, cfg.batch_size // world
+    micro = per_rank // cfg.grad_accum
+    out = []
+    for b in range(first, n // B):
+        shard = order[b * B + rank * per_rank: b * B + (rank + 1) * per_rank]
+        out += [shard[i * micro:(i + 1) * micro] for i in range(cfg.grad_accum)]
+    return out
+
+
+def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_dir: Path,
+        identity: dict, run: Any = None) -> FitResult:
+    ckpt_dir, report_dir = Path(ckpt_dir), Path(report_dir)
+    rank, world, device = setup_distributed(cfg.device)
+    main = rank == 0
+    identity = json.loads(json.dumps({**identity, "seed": seed, "world_size": world}, sort_keys=True, default=str))
+    n, B, accum = len(task.train_data), cfg.batch_size, cfg.grad_accum
+    if B % (world * accum):
+        raise UserError(f"train.batch_size: {B} is not divisible by world size x grad_accum = {world} x {accum}")
+    if n < B:
+        raise UserError(f"train.batch_size: {B} is larger than the training set of {task.name} ({n} samples)")
+    steps_per_epoch = n // B
+    total = steps_per_epoch * cfg.epochs
+
+    model = task.model.to(device)
+    if world > 1:
+        _sync_batchnorm(model, device)  # BatchNorm over the global batch, as in a 1-process run
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = task.param_groups(model, cfg.lr) if task.param_groups else _default_groups(model, cfg.lr, cfg.weight_decay)
+    if {id(p) for g in groups for p in g["params"]} != {id(p) for p in params}:
+        raise ValueError(f"{task.name}: param_groups must cover exactly the trainable parameters")
+    optimizer = _optimizer(task.optimizer, groups, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(round(cfg.warmup_ratio * total), total))
+
+    # Resume: weights, optimizer, schedule, RNG and data position from the latest checkpoint.
+    if main:
+        for stale in ckpt_dir.glob(".step_*.tmp"):  # a write killed before its rename
+            shutil.rmtree(stale, ignore_errors=True)
+    ck = _load_checkpoint(ckpt_dir, identity, model, main) if ckpt_dir.exists() else None
+    start, train_rows, val_rows, seen = 0, [], [], {"seconds": 0.0, "samples": 0, "tokens": 0}
+    if ck is not None:
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"][rank], device)
+        start, train_rows, val_rows, seen = ck["step"], ck["train_rows"], ck["val_rows"], ck["seen"]
+
+    # DDP all-reduces (averages) gradients during backward; find_unused_parameters=False: all trainable params are used.
+    # (On CPU, 1x1 convolution weight gradients differ from their weights only in the strides of size-1
+    # dimensions; DDP warns about that on every run although nothing is wrong.)
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    # bf16 autocast on CUDA (no GradScaler needed: bf16 has fp32's exponent range); plain fp32 on CPU.
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    log_every = max(1, total // 200)  # MLflow gets <= ~200 train points; the CSV gets every step
+    bar = tqdm(total=total, initial=start, desc=task.name, disable=not main, dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    batches = None
+    for step in range(start, total):
+        epoch, b = divmod(step, steps_per_epoch)
+        if batches is None or b == 0:  # (re)build the epoch's loader at its start or at the resume point
+            if hasattr(task.train_data, "set_epoch"):
+                task.train_data.set_epoch(epoch)
+            loader = DataLoader(task.train_data, batch_sampler=_epoch_batches(n, cfg, seed, epoch, b, rank, world),
+                                collate_fn=task.collate, num_workers=task.num_workers,
+                                generator=torch.Generator().manual_seed(seed + epoch))  # not the global RNG
+            batches = iter(loader)
+
+        t0 = time.perf_counter()
+        loss_sum, samples, tokens = 0.0, 0, 0
+        for micro in range(accum):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            # Only the last micro-step needs DDP's gradient all-reduce; the others just accumulate locally.
+            sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else ddp.no_sync()
+            with sync:
+                with amp():
+                    out = ddp(batch)
+                (out["loss"] / accum).backward()  # / accum: the step's gradient is the mean over micro-batches
+            loss_sum += out["loss"].detach().float() / accum
+            samples, tokens = samples + int(out["samples"]), tokens + int(out["tokens"])
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        stats = torch.stack([torch.as_tensor(loss_sum, device=device).float(),
+                             torch.tensor(float(samples), device=device), torch.tensor(float(tokens), device=device)])
+        if world > 1:
+            dist.all_reduce(stats)  # the logged loss is the global batch's; samples/tokens are totals
+        loss, samples, tokens = stats[0].item() / world, int(stats[1].item()), int(stats[2].item())
+        dt = time.perf_counter() - t0
+        seen = {"seconds": seen["seconds"] + dt, "samples": seen["samples"] + samples, "tokens": seen["tokens"] + tokens}
+        row = {"step": step + 1, "epoch": round(epoch + (b + 1) / steps_per_epoch, 4), "loss": loss, "lr": lr,
+               "samples_per_s": samples / dt, "tokens_per_s": tokens / dt}
+        train_rows.append(row)
+        post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples / dt:.0f}"}
+        if tokens:
+            post["tokens/s"] = f"{tokens / dt:.0f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+        if run is not None and main and ((step + 1) % log_every == 0 or step + 1 == total):
+            run.log_metrics({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step + 1)
+
+        end_of_epoch = b + 1 == steps_per_epoch
+        if end_of_epoch and task.evaluate is not None and main:
+            metrics = _evaluate(task, model, epoch + 1, device, amp)
+            val_rows.append({"epoch": epoch + 1, "step": step + 1, **metrics})
+            log.info("%s epoch %d/%d step %d: loss %.4f | %s", task.name, epoch + 1, cfg.epochs, step + 1, loss,
+                     " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if run is not None:
+                run.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=step + 1)
+        if end_of_epoch:
+            barrier()  # other ranks wait while rank 0 evaluates
+
+        checkpoint_now = bool(cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == total
+        if checkpoint_now:
+            rngs = [_rng_state(device)]
+            if world > 1:  # each rank's RNG state, so every rank resumes its own stream
+                rngs = [None] * world
+                dist.all_gather_object(rngs, _rng_state(device))
+            if main:
+                _save_checkpoint(ckpt_dir, model, {
+                    "step": step + 1, "epoch": epoch, "batch_in_epoch": b + 1, "rng": rngs,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "train_rows": train_rows, "val_rows": val_rows, "seen": seen}, identity)
+            barrier()
+        if main and (end_of_epoch or checkpoint_now):  # the curve files, consistent with the checkpoint
+            _write_csv(report_dir / "train_curve.csv", train_rows)
+            _write_csv(report_dir / "val_curve.csv", val_rows)
+    bar.close()
+
+    final = {k: v for k, v in (val_rows[-1] if val_rows else {}).items() if k not in ("epoch", "step")}
+    result = FitResult(metrics=final, samples_per_s=seen["samples"] / max(seen["seconds"], 1e-9),
+                       tokens_per_s=seen["tokens"] / max(seen["seconds"], 1e-9), steps=total,
+                       train_seconds=seen["seconds"], resumed_from_step=start)
+    if main:
+        _write_csv(report_dir / "train_curve.csv", train_rows)
+        _write_csv(report_dir / "val_curve.csv", val_rows)
+        summary = {**final, "samples_per_s": round(result.samples_per_s, 2), "steps": total, "epochs": cfg.epochs,
+                   "train_seconds": round(result.train_seconds, 2)}
+        if result.tokens_per_s > 0:
+            summary["tokens_per_s"] = round(result.tokens_per_s, 2)
+        write_json(report_dir / "metrics.json", summary)
+        if run is not None:
+            run.log_metrics({f"final/{k}": v for k, v in summary.items()})
+            for name in ("train_curve.csv", "val_curve.csv", "metrics.json"):
+                run.log_artifact(report_dir / name)
+    return result
+
+
+def _evaluate(task: TrainTask, model: nn.Module, epoch: int, device: torch.device, amp) -> dict[str, float]:
+    rng = _rng_state(device)  # evaluation may draw random numbers; training must not notice
+    model.eval()
+    try:
+        with torch.no_grad(), amp():
+            return {k: float(v) for k, v in task.evaluate(model, epoch).items()}
+    finally:
+        _set_rng_state(rng, device)
+        model.train()
