@@ -18,14 +18,19 @@ CSV_OUT = "data/cifar_qa.csv"
 
 @stage_entry
 def main() -> None:
+    from vlmpipe.params import flatten, to_dict
+    from vlmpipe.tracking import stage_run
+
     p = load_params()
-    with atomic_path(CIFAR_OUT) as tmp:
-        cifar.build(p.cifar, p.seed, tmp)
-    if p.qa.csv_path:
-        qa.read_qa_csv(p.qa.csv_path, CIFAR_OUT)  # raises a one-line UserError on the first problem
-        write_bytes(CSV_OUT, Path(p.qa.csv_path).read_bytes())
-    else:
-        qa.write_qa_csv(CSV_OUT, CIFAR_OUT, p.seed, p.qa.questions_per_image)
+    params = {**flatten({"cifar": to_dict(p.cifar), "qa": to_dict(p.qa)}), "seed": p.seed}
+    with stage_run("build_cifar_qa_csv", params):
+        with atomic_path(CIFAR_OUT) as tmp:
+            cifar.build(p.cifar, p.seed, tmp)
+        if p.qa.csv_path:
+            qa.read_qa_csv(p.qa.csv_path, CIFAR_OUT)  # raises a one-line UserError on the first problem
+            write_bytes(CSV_OUT, Path(p.qa.csv_path).read_bytes())
+        else:
+            qa.write_qa_csv(CSV_OUT, CIFAR_OUT, p.seed, p.qa.questions_per_image)
 
 
 if __name__ == "__main__":

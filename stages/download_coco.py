@@ -16,9 +16,13 @@ OUT = "data/coco"
 
 @stage_entry
 def main() -> None:
+    from vlmpipe.params import flatten, to_dict
+    from vlmpipe.tracking import stage_run
+
     p = load_params()
-    with atomic_path(OUT) as tmp:
-        coco.build(p.coco, p.seed, tmp)
+    with stage_run("download_coco", {**flatten({"coco": to_dict(p.coco)}), "seed": p.seed}):
+        with atomic_path(OUT) as tmp:
+            coco.build(p.coco, p.seed, tmp)
 
 
 if __name__ == "__main__":

@@ -31,15 +31,27 @@ log = logging.getLogger("precompute_embeddings")
 @stage_entry
 def main() -> None:
     t0 = time.perf_counter()
-    from vlmpipe import embeddings as E
-    from vlmpipe.data.cifar import load_split
-    from vlmpipe.data.coco import CocoCaptions
-    from vlmpipe.models.siglip import load_siglip
-    from vlmpipe.params import load_params
+    from vlmpipe.params import flatten, load_params, to_dict
+    from vlmpipe.tracking import stage_run
     from vlmpipe.train import setup_distributed, shutdown_distributed
 
     p = load_params()
     rank, world, device = setup_distributed(p.embeddings.device)
+    params = {**flatten({"embeddings": to_dict(p.embeddings)}),
+              "captioner.vision_encoder": p.captioner.vision_encoder, "captioner.regions": p.captioner.regions}
+    with stage_run("precompute_embeddings", params, enabled=rank == 0):
+        _embed_all(p, rank, device)
+    if rank == 0:
+        log.info("precompute_embeddings done in %.0fs (%d ranks)", time.perf_counter() - t0, world)
+    shutdown_distributed()
+
+
+def _embed_all(p, rank: int, device) -> None:
+    from vlmpipe import embeddings as E
+    from vlmpipe.data.cifar import load_split
+    from vlmpipe.data.coco import CocoCaptions
+    from vlmpipe.models.siglip import load_siglip
+
     bs = p.embeddings.batch_size
     siglip = load_siglip(SIGLIP, device)
     siglip_id = E.encoder_identity("siglip", siglip.image_tower)
@@ -63,9 +75,6 @@ def main() -> None:
         if rank == 0:
             path = E.save(OUT, "coco", split, coco.ids, emb, ident)
             log.info("%s: %s from %s@%s", path, tuple(emb.shape), ident["name"], ident["hash"])
-    if rank == 0:
-        log.info("precompute_embeddings done in %.0fs (%d ranks)", time.perf_counter() - t0, world)
-    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Writes: models/captioner/ (LM + tokenizer + projector + config; load with
 
 For ``captioner.lm: tiny`` the GPT-2 is built here first (tokenizer trained on
 the training captions, seeded, deterministic); otherwise ``captioner.lm`` is a
-hub id or path loaded with ``from_pretrained``.
+hub id or path loaded with ``from_pretrained``. Runs as ``python stages/train_gpt2_captioner.py``
+or under ``torchrun`` (DDP; rank 0 writes).
 """
 from __future__ import annotations
 
@@ -33,15 +34,21 @@ def main() -> None:
     from vlmpipe.params import flatten, load_params, to_dict
     from vlmpipe.runtime import seed_everything
     from vlmpipe.tracking import stage_run
+    from vlmpipe.train import setup_distributed, shutdown_distributed
 
     p = load_params()
+    rank, world, _ = setup_distributed(p.captioner.train.device)
     seed_everything(p.seed)
-    with stage_run("train_gpt2_captioner", {**flatten({"captioner": to_dict(p.captioner)}), "seed": p.seed}) as run:
+    params = {**flatten({"captioner": to_dict(p.captioner)}), "seed": p.seed}
+    with stage_run("train_gpt2_captioner", params, enabled=rank == 0) as run:
         res = train_captioner(p.captioner, seed=p.seed, coco_root=COCO, embeddings_root=EMBEDDINGS,
                               siglip_dir=SIGLIP, out_dir=OUT, ckpt_dir=CKPT, report_dir=REPORTS, run=run)
-        run.log_artifact(OUT / "captioner.json")
-    log.info("captioner done in %.0fs: val_loss %.4f, %.0f samples/s, %.0f tokens/s",
-             time.perf_counter() - t0, res.metrics.get("val_loss", float("nan")), res.samples_per_s, res.tokens_per_s)
+        if rank == 0:
+            run.log_artifact(OUT / "captioner.json")
+            log.info("captioner done in %.0fs (%d ranks): val_loss %.4f, %.0f samples/s, %.0f tokens/s",
+                     time.perf_counter() - t0, world, res.metrics.get("val_loss", float("nan")),
+                     res.samples_per_s, res.tokens_per_s)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
