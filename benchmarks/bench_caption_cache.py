@@ -1,6 +1,6 @@
 """Captioner training throughput: cached features vs the frozen encoder run in the loop.
 
-    python benchmarks/bench_caption_cache.py [--images 256] [--steps 20] [--batch-size N] [--out FILE]
+    python benchmarks/bench_caption_cache.py [--images 256] [--steps 20] [--batch-size N] [--root DIR] [--out FILE]
 
 Both variants train the same captioner (same init, same batches, same batch
 size, same process) for ``--steps`` optimizer steps after ``--warmup`` untimed
@@ -13,7 +13,7 @@ both alike:
   runs the frozen encoder on them (whole image + quadrants, no_grad, eval
   mode), as a captioner without the cache would.
 
-Uses ``data/coco`` and ``models/siglip`` when present (else a generated scene
+Uses ``data/coco`` and ``models/siglip`` under ``--root`` when present (else a generated scene
 set and an untrained tower of the configured size: same compute), the
 captioner params of ``params.yaml`` (or $VLMPIPE_PARAMS). Reports tokens/s
 (target tokens: caption + EOS) and samples/s of each, and their ratio.
@@ -68,7 +68,7 @@ class _Images:
         return self.coco.image(self.ids[k]) if self.coco is not None else self._pil[k].copy()
 
 
-def _encoder(p, texts: list[str]):
+def _encoder(p, texts: list[str], root: Path):
     """``fn(images) -> [b, R, D]`` of the captioner's frozen encoder, and where it came from."""
     from vlmpipe import embeddings
 
@@ -78,8 +78,8 @@ def _encoder(p, texts: list[str]):
         return fn, enc
     from vlmpipe.models.siglip import build_siglip, load_siglip
 
-    if (REPO / "models/siglip/model.safetensors").exists():
-        tower, where = load_siglip(REPO / "models/siglip"), "models/siglip (trained)"
+    if (root / "models/siglip/model.safetensors").exists():
+        tower, where = load_siglip(root / "models/siglip"), f"{root / 'models/siglip'} (trained)"
     else:
         torch.manual_seed(0)
         tower, where = build_siglip(p.siglip, texts).eval(), "an untrained SigLIP of the configured size"
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, default=None, help="default: captioner.train.batch_size")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    ap.add_argument("--root", type=Path, default=REPO, help="where data/coco and models/siglip are (default: the repo)")
     args = ap.parse_args(argv)
     setup_logging()
     import os
@@ -143,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     from vlmpipe.models.tiny_lm import build_tiny_lm
     from vlmpipe.params import load_params
 
-    os.chdir(REPO)
+    root = args.root.resolve()
+    os.chdir(REPO)  # params.yaml (or $VLMPIPE_PARAMS) relative to the repo
     p = load_params()
     cp = p.captioner
     bs = args.batch_size or cp.train.batch_size
     torch.manual_seed(p.seed)
-    data = _Images(REPO / "data/coco", args.images, p.coco.image_size, p.seed)
+    data = _Images(root / "data/coco", args.images, p.coco.image_size, p.seed)
     texts = [c for caps in data.captions for c in caps]
-    fn, where = _encoder(p, texts)
+    fn, where = _encoder(p, texts, root)
 
     # The "cache": every image featurized once, as precompute_embeddings does.
     t0 = time.perf_counter()
