@@ -25,7 +25,7 @@ def main() -> None:
     t0 = time.perf_counter()
     import torch
 
-    from vlmpipe import evaluation as ev
+    from vlmpipe import heldout
     from vlmpipe import report
     from vlmpipe.data.cifar import load_split
     from vlmpipe.data.coco import CocoCaptions
@@ -46,11 +46,11 @@ def main() -> None:
     with stage_run("evaluate", flatten({"evaluate": to_dict(e)})) as run:
         df = read_qa_csv(CSV, CIFAR)
         log.info("scoring SigLIP")
-        sig = ev.evaluate_siglip(SIGLIP, CIFAR, df, e.max_images)
+        sig = heldout.evaluate_siglip(SIGLIP, CIFAR, df, e.max_images)
         log.info("scoring the QA model")
-        vqa, qa_examples = ev.evaluate_vqa(PHI, EMB, df, e.max_images)
+        vqa, qa_examples = heldout.evaluate_vqa(PHI, EMB, df, e.max_images, csv_path=str(CSV))
         log.info("scoring the captioner")
-        cap, cap_examples = ev.evaluate_captioner(CAPTIONER, EMB, COCO, e.max_images)
+        cap, cap_examples = heldout.evaluate_captioner(CAPTIONER, EMB, COCO, e.max_images)
 
         metrics = {
             "siglip": {k: round(v, 4) for k, v in sig.items()},

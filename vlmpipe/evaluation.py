@@ -23,8 +23,6 @@ import string
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
-import torch
-
 log = logging.getLogger(__name__)
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -139,93 +137,3 @@ def vqa_accuracy(rows: Iterable[tuple[str, str, str]]) -> dict:
         "n_questions": len(allhits),
         "by_type": {t: sum(v) / len(v) for t, v in sorted(hits.items())},
     }
-
-
-# ------------------------------------------------------------ the evaluate stage
-
-def _first(n: int, limit: int) -> int:
-    return n if limit <= 0 else min(n, limit)
-
-
-def evaluate_siglip(siglip_dir, cifar_root, df, limit: int = 0) -> dict:
-    """Zero-shot accuracy and recall@1/5 both ways on held-out CIFAR, with chance levels."""
-    from vlmpipe.data.cifar import load_split
-    from vlmpipe.models.siglip import image_texts, load_siglip, retrieval_metrics
-
-    model = load_siglip(siglip_dir)
-    test = load_split(cifar_root, "test")
-    n = _first(len(test), limit)
-    texts = image_texts(df, "test", len(test), test.label_names)
-    # Retrieval over the images whose composed caption names class, colour and background,
-    # exactly as train_siglip reports it per epoch.
-    captions = [c if ok else None for c, ok in zip(texts.captions[:n], texts.complete[:n])]
-    with torch.no_grad():
-        return retrieval_metrics(model, test.images[:n], test.labels[:n], texts.prompts, captions)
-
-
-def evaluate_vqa(model_dir, embeddings_root, df, limit: int = 0, batch_size: int = 64):
-    """Exact match on held-out questions, asked turn by turn with the true earlier turns as history.
-
-    Returns (metrics, examples) where examples[i] = (dataset index, label, [(q, predicted, truth, type)]).
-    """
-    from vlmpipe import embeddings as emb
-    from vlmpipe.data.qa import A_COLS, Q_COLS, T_COLS
-    from vlmpipe.models.phi_vlm import answer_batch, load_vlm
-
-    model = load_vlm(model_dir, device="cpu")
-    cache = emb.load(embeddings_root, "cifar", "test", expect_encoder=model.info.get("encoder") or None)
-    test = df[df["Split"] == "test"].sort_values("Dataset_Index")
-    rows = [r._asdict() for r in test.itertuples(index=False)][: _first(len(test), limit)]
-    convs = [[(r[q], r[a], r[t]) for q, a, t in zip(Q_COLS, A_COLS, T_COLS) if r[q]] for r in rows]
-    preds: list[list[str]] = [[] for _ in rows]
-    feats = cache.embeddings[[cache.row(int(r["Dataset_Index"])) for r in rows]].float()
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(map(len, convs)), desc="vqa answers", leave=False)
-    for turn in range(max(map(len, convs), default=0)):
-        todo = [i for i, c in enumerate(convs) if len(c) > turn]
-        for s in range(0, len(todo), batch_size):
-            idx = todo[s:s + batch_size]
-            with torch.no_grad():
-                answers = answer_batch(model, feats[idx], [convs[i][turn][0] for i in idx],
-                                       [[(q, a) for q, a, _ in convs[i][:turn]] for i in idx])
-            for i, a in zip(idx, answers):
-                preds[i].append(a)
-            bar.update(len(idx))
-    bar.close()
-    scored = [(p, truth, t) for c, ps in zip(convs, preds) for (q, truth, t), p in zip(c, ps)]
-    metrics = vqa_accuracy(scored)
-    train_qa = [(r[q], r[a], r[t]) for r in (x._asdict() for x in df[df["Split"] == "train"].itertuples(index=False))
-                for q, a, t in zip(Q_COLS, A_COLS, T_COLS) if r[q]]
-    blind = BlindBaseline(train_qa)
-    blind_acc = vqa_accuracy([(blind(q, t), truth, t) for c in convs for q, truth, t in c])
-    metrics["blind_baseline"] = blind_acc["accuracy"]
-    metrics["blind_by_type"] = blind_acc["by_type"]
-    examples = [(int(r["Dataset_Index"]), str(r["Class_Label"]),
-                 [(q, p, truth, t) for (q, truth, t), p in zip(c, ps)]) for r, c, ps in zip(rows, convs, preds)]
-    return metrics, examples
-
-
-def evaluate_captioner(model_dir, embeddings_root, coco_root, limit: int = 0, meteor: bool = True):
-    """pycocoevalcap scores on the held-out (val) split + the constant-caption baseline.
-
-    Returns (metrics, examples) where examples = [(image id, generated, references)].
-    """
-    from vlmpipe import embeddings as emb
-    from vlmpipe.data.coco import CocoCaptions
-    from vlmpipe.models.captioner import generate, load_captioner
-
-    model = load_captioner(model_dir, device="cpu")
-    cache = emb.load(embeddings_root, "coco", "val", expect_encoder=model.info.get("encoder") or None)
-    val, train = CocoCaptions(coco_root, "val"), CocoCaptions(coco_root, "train")
-    ids = [int(i) for i in cache.ids.tolist()][: _first(len(cache), limit)]
-    with torch.no_grad():
-        generated = generate(model, cache.embeddings[[cache.row(i) for i in ids]].float())
-    refs = {i: val.captions(i) for i in ids}
-    cands = dict(zip(ids, generated))
-    metrics = caption_scores(refs, cands, meteor=meteor)
-    constant = most_common_caption(c for i in train.ids for c in train.captions(i))
-    base = caption_scores(refs, {i: constant for i in ids}, meteor=False)
-    metrics.update(baseline_cider=base["cider"], baseline_bleu4=base["bleu4"], baseline_caption=constant,
-                   n_images=len(ids))
-    return metrics, [(i, cands[i], refs[i]) for i in ids]
