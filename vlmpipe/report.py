@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vlmpipe.evaluation import normalize_answer  # noqa: E402
 from vlmpipe.io import atomic_path, write_text  # noqa: E402
 
 
@@ -123,7 +124,7 @@ def gallery_png(captions: Sequence[CaptionExample], qa: Sequence[QAExample], out
             lines = [f"[{ex.label}]"]
             colors = ["#444444"]
             for q, a, t in ex.turns[:3]:
-                ok = a.strip().lower() == t.strip().lower()
+                ok = normalize_answer(a) == normalize_answer(t)  # the rule the accuracy is scored by
                 lines.append(f"Q: {q}  model: {a}  truth: {t}")
                 colors.append("#1a7a2e" if ok else "#b0201a")
         for i, (line, c) in enumerate(zip(lines, colors)):
@@ -154,7 +155,7 @@ def gallery_html(captions: Sequence[CaptionExample], qa: Sequence[QAExample], me
                  f"(blind baseline {vqa.get('blind_baseline', float('nan')):.3f})</p><table>")
     for q in qa:
         turns = "".join(
-            f"<div>Q: {e(qq)} — <span class={'ok' if a.strip().lower() == t.strip().lower() else 'bad'}>"
+            f"<div>Q: {e(qq)} — <span class={'ok' if normalize_answer(a) == normalize_answer(t) else 'bad'}>"
             f"{e(a)}</span> <span class=ref>(truth: {e(t)})</span></div>" for qq, a, t in q.turns)
         parts.append(f"<tr><td><img src='data:image/png;base64,{_png_b64(q.image)}'></td>"
                      f"<td><i>{e(q.label)}</i>{turns}</td></tr>")
