@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from vlmpipe.errors import UserError
-from vlmpipe.train import fit, trainable_state
+from vlmpipe import train as train_mod
+from vlmpipe.train import code_fingerprint, fit, trainable_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _toy_train import make_cfg, make_task  # noqa: E402
@@ -118,6 +119,27 @@ def test_identity_change_starts_fresh_with_a_warning(tmp_path, caplog):
     assert res.resumed_from_step == 6
 
 
+def test_code_change_starts_fresh(tmp_path, monkeypatch, caplog):
+    """DVC reruns a stage when its code changes, and the checkpoint directory persists: the old
+    run's final checkpoint must not be taken as this run's result."""
+    _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2))
+    monkeypatch.setattr(train_mod, "code_fingerprint", lambda: "edited sources")
+    with caplog.at_level(logging.WARNING, logger="vlmpipe.train"):
+        _, res = _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2))
+    assert res.resumed_from_step == 0 and res.steps == 6
+    assert "code:" in " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_code_fingerprint_covers_the_package_sources(tmp_path, monkeypatch):
+    fake_pkg = tmp_path / "vlmpipe"
+    fake_pkg.mkdir()
+    (fake_pkg / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(train_mod, "__file__", str(fake_pkg / "train.py"))
+    before = code_fingerprint()
+    (fake_pkg / "a.py").write_text("x = 2\n")
+    assert code_fingerprint() != before
+
+
 def test_finished_run_resumes_to_the_same_result(tmp_path):
     task1, r1 = _run(tmp_path)
     task2, r2 = _run(tmp_path)
@@ -166,7 +188,8 @@ def test_outputs_and_checkpoint_contents(tmp_path):
     assert not any(k.startswith("frozen.") for k in weights)              # frozen weights are not copied
     state = torch.load(ck / "state.pt", weights_only=True)
     assert state["step"] == 24 and {"optimizer", "scheduler", "rng", "train_rows", "val_rows"} <= set(state)
-    assert json.loads((ck / "identity.json").read_text()) == {"toy": 1, "seed": 0, "world_size": 1}
+    assert json.loads((ck / "identity.json").read_text()) == {"toy": 1, "seed": 0, "world_size": 1,
+                                                              "code": code_fingerprint()}
 
 
 def test_batch_size_errors_are_user_errors(tmp_path):

@@ -30,8 +30,12 @@ Contract:
   restored around it, so evaluating never changes the training trajectory.
 - Checkpoints: ``ckpt_dir/step_XXXXXXXX/`` every ``cfg.checkpoint_every``
   optimizer steps and at the end; fit resumes from the latest automatically.
-  A checkpoint whose ``identity`` (+ seed, world size) differs is reported
-  with the keys that changed, deleted, and training starts fresh.
+  A checkpoint whose ``identity`` (+ seed, world size, and a hash of the code:
+  the vlmpipe sources and the running script) differs is reported with the keys
+  that changed, deleted, and training starts fresh. The checkpoint directories
+  are ``persist: true`` in dvc.yaml so a killed stage resumes; without the code
+  hash, a stage that DVC reruns because its code changed would "resume" the old
+  run's final checkpoint and train nothing.
 """
 from __future__ import annotations
 
@@ -271,6 +275,21 @@ def fingerprint(*paths: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def code_fingerprint() -> str:
+    """sha256 over the vlmpipe package's Python sources and the running script (``__main__``)."""
+    import __main__
+
+    pkg = Path(__file__).resolve().parent
+    files = sorted(pkg.rglob("*.py"))
+    script = getattr(__main__, "__file__", None)
+    if script and Path(script).is_file():
+        files.append(Path(script).resolve())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -328,7 +347,8 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
     ckpt_dir, report_dir = Path(ckpt_dir), Path(report_dir)
     rank, world, device = setup_distributed(cfg.device)
     main = rank == 0
-    identity = json.loads(json.dumps({**identity, "seed": seed, "world_size": world}, sort_keys=True, default=str))
+    identity = json.loads(json.dumps({**identity, "seed": seed, "world_size": world, "code": code_fingerprint()},
+                                     sort_keys=True, default=str))
     n, B, accum = len(task.train_data), cfg.batch_size, cfg.grad_accum
     if B % (world * accum):
         raise UserError(f"train.batch_size: {B} is not divisible by world size x grad_accum = {world} x {accum}")
