@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -212,16 +212,12 @@ def qa_pairs(df: pd.DataFrame) -> list[tuple[int, str, str, str, str]]:
 
 
 def blind_baseline(train: pd.DataFrame, test: pd.DataFrame) -> float:
-    """Accuracy on ``test`` of answering each question with its most frequent training answer."""
-    by_q: dict[str, Counter] = defaultdict(Counter)
-    overall: Counter = Counter()
-    for _, _, q, a, _ in qa_pairs(train):
-        by_q[q][a] += 1
-        overall[a] += 1
-    fallback = overall.most_common(1)[0][0] if overall else ""
-    pairs = qa_pairs(test)
-    hits = sum((by_q[q].most_common(1)[0][0] if q in by_q else fallback) == a for _, _, q, a, _ in pairs)
-    return hits / max(len(pairs), 1)
+    """Accuracy on ``test`` of answering each question with its most frequent training answer
+    (the same baseline, and the same answer normalisation, that ``evaluate`` reports)."""
+    from vlmpipe.evaluation import BlindBaseline, vqa_accuracy
+
+    blind = BlindBaseline((q, a, t) for _, _, q, a, t in qa_pairs(train))
+    return vqa_accuracy([(blind(q, t), a, t) for _, _, q, a, t in qa_pairs(test)])["accuracy"]
 
 
 def class_prompts(label_names: list[str]) -> list[str]:
