@@ -8,6 +8,7 @@ the shared loop; held-out answers must beat the blind baseline clearly.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from vlmpipe.errors import UserError
+from vlmpipe.io import read_json
 from vlmpipe.models import phi_vlm as V
 from vlmpipe.params import Phi2Params, TinyLMParams, TrainParams
 
@@ -67,6 +69,16 @@ def small_params(**kw) -> Phi2Params:
     for k, v in kw.items():
         setattr(p, k, v)
     return p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread buys little, and on a busy 2-core
+    machine two spinning OpenMP threads per process slow everything down several-fold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +223,7 @@ def test_save_then_load_gives_the_same_answers(trained, tmp_path):
               "projector.safetensors", "projector.json", "tokenizer", "base/config.json", "base/model.safetensors"):
         assert (out / f).exists(), f
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
-    cfg = V.read_json(out / "vlm_config.json")
+    cfg = read_json(out / "vlm_config.json")
     assert cfg["base_model"] == "base" and cfg["template"] == V.TEMPLATE and cfg["encoder"] == {"name": "test"}
     loaded = V.load_vlm(out, "cpu")
     qs = [(i, j) for i in range(6) for j in range(5)]
@@ -250,7 +262,7 @@ def cli_model(trained, tmp_path_factory):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vlmpipe", "ask", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_ask_answers_an_image_file(cli_model):

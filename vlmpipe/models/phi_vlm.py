@@ -47,6 +47,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -205,7 +206,9 @@ def load_base(base: str | os.PathLike, load_in_4bit: bool, attn_implementation: 
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+        with warnings.catch_warnings():  # transformers 5 deprecation noise from peft/bnb helpers
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+            model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"phi2.base_model: cannot load {base} ({str(e).splitlines()[0][:200]})") from None
     if not load_in_4bit:
@@ -404,16 +407,18 @@ def build_vlm(p, base: str | os.PathLike, device: torch.device | str = "cpu", *,
                         f"({p.prefix_tokens}+{p.max_seq_len}+{p.max_new_tokens}) exceeds the base "
                         f"model's {max_pos} positions")
     gc_kwargs = {"use_reentrant": False}
-    if p.load_in_4bit:
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=p.gradient_checkpointing,
-                                             gradient_checkpointing_kwargs=gc_kwargs)
-    else:
-        for prm in lm.parameters():
-            prm.requires_grad_(False)
-        if p.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    torch.manual_seed(seed)
-    lm = get_peft_model(lm, _lora_config(p))
+    with warnings.catch_warnings():  # transformers 5 renames gradient checkpointing; peft still calls the old names
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+        if p.load_in_4bit:
+            lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=p.gradient_checkpointing,
+                                                 gradient_checkpointing_kwargs=gc_kwargs)
+        else:
+            for prm in lm.parameters():
+                prm.requires_grad_(False)
+            if p.gradient_checkpointing:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        torch.manual_seed(seed)
+        lm = get_peft_model(lm, _lora_config(p))
     tokenizer = load_tokenizer(base)
     hidden = lm.get_input_embeddings().weight.shape[1]
     projector = PrefixProjector(embed_dim, regions, p.prefix_tokens, hidden).to(device)
@@ -455,7 +460,9 @@ def load_vlm(directory: str | os.PathLike = "models/phi2_vlm", device: str | tor
     dev = resolve_device(device) if isinstance(device, str) else device
     base = d / info["base_model"] if info.get("base_in_dir") else info["base_model"]
     lm = load_base(base, info["load_in_4bit"], info["attn_implementation"], dev)
-    lm = PeftModel.from_pretrained(lm, str(d / "adapter"), is_trainable=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+        lm = PeftModel.from_pretrained(lm, str(d / "adapter"), is_trainable=False)
     projector = PrefixProjector.load(d).to(dev)
     tokenizer = load_tokenizer(d / "tokenizer")
     info["model_dir"] = str(d)
@@ -587,7 +594,10 @@ def ask_file(model_dir: str | os.PathLike, image_path: str | os.PathLike, questi
     from vlmpipe.embeddings import siglip_identity
     from vlmpipe.models.siglip import load_siglip
 
+    from transformers.utils import logging as hf_logging
+
     image = read_image(image_path)  # fail on a bad image before loading any model
+    hf_logging.disable_progress_bar()  # a command-line answer, not a loading bar
     model = load_vlm(model_dir, device)
     sdir = siglip_dir_of(model)
     ident = siglip_identity(sdir)  # a UserError naming sdir when it is missing
