@@ -215,8 +215,12 @@ class ImageTextPairs(torch.utils.data.Dataset):
     each other's images in the sigmoid loss, never negatives.
     """
 
-    PROMPT_P = 0.4   # class prompt (what zero-shot classification asks)
-    CAPTION_P = 0.3  # composed caption (class + colour + background); the rest: one Q/A pair
+    # Measured on the offline default (12 epochs): at 0.4 / 0.3 the towers ignored colour (a linear
+    # probe found it in 32 % of test embeddings, retrieval R@1 0.15-0.19) and every colour question
+    # downstream was a guess; at 0.3 / 0.45 the probe finds colour in 94 %, R@1 is 0.88 and
+    # zero-shot accuracy stays at 0.95 (0.98 before).
+    PROMPT_P = 0.3    # class prompt (what zero-shot classification asks)
+    CAPTION_P = 0.45  # composed caption (class + colour + background); the rest: one Q/A pair
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, prompts: list[str], captions: list, qa_texts: list[list[str]],
                  tokenizer, max_tokens: int, seed: int) -> None:
