@@ -116,7 +116,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #   None            -> `dvc repro` of the whole DAG (the goal, once every stage exists);
 #   [names, ...]    -> `dvc repro <names>` (those stages and their upstream).
 # Env VLMPIPE_TEST_TINY_STAGES overrides it: "all", or "download_coco,build_cifar_qa_csv".
-TINY_DAG_STAGES: list[str] | None = ["download_coco", "build_cifar_qa_csv"]
+TINY_DAG_STAGES: list[str] | None = None
 
 # Fake credentials the tiny pipeline runs with: servers.FAKE_SECRETS.
 FAKE_SECRETS = servers.FAKE_SECRETS
