@@ -7,13 +7,16 @@ still meets all B texts; and BatchNorm layers become a global-batch BatchNorm
 (torch's SyncBatchNorm is CUDA-only, so the loop has its own for gloo). The
 mathematics is then identical, and the first two steps agree to 1e-5.
 
-Tolerance for the rest of the curve: 2e-2 relative. Summation order differs
-(convolutions over 16 instead of 32 images, all-reduced gradients), and AdamW
-at these learning rates amplifies float noise: measured on this tiny run, the
-SAME single process with 1 vs 2 threads drifts apart by up to 0.6 % in 12
-steps, and 2 ranks vs 1 process by up to 0.4 %. The bugs this guards against
-are far larger at step 1 already: per-rank BatchNorm (no sync) is off by 1.4 %,
-negatives from the local rank only by ~50 %.
+Tolerance for the rest of the curve: 1e-3 relative up to step 3, then 5e-2.
+Summation order differs (convolutions over 16 instead of 32 images,
+all-reduced gradients), and AdamW at these learning rates amplifies float
+noise step by step: measured on this tiny run, the SAME single process with 1
+vs 2 threads drifts apart by up to 0.6 % in 12 steps, and 2 ranks vs 1 process
+by 0.01 % at step 3, 0.25 % at step 4 and up to 2.9 % at step 9 (with the
+current SigLIP text mix). The bugs this guards against are far larger at step
+1 already: per-rank BatchNorm (no sync) is off by 1.4 %, negatives from the
+local rank only by ~50 %; the loose bound on the whole curve checks that the
+two runs stay on one trajectory.
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def test_two_ranks_match_one_process_and_shard_embeddings(tiny_repo, tmp_path):
     a, b = _curve(one), _curve(two)
     assert len(a) == len(b) == 12  # 200 images // 32 per step x 2 epochs
     assert a[:2] == pytest.approx(b[:2], rel=1e-5)
-    assert a == pytest.approx(b, rel=2e-2)
+    assert a[:3] == pytest.approx(b[:3], rel=1e-3)
+    assert a == pytest.approx(b, rel=5e-2)
     assert a[-1] < a[0]
     identity = json.loads(next((two / "models/checkpoints/siglip").glob("step_*/identity.json")).read_text())
     assert identity["world_size"] == 2
