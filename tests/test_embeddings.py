@@ -29,6 +29,15 @@ def test_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary leftovers
 
 
+def test_same_embeddings_give_the_same_file_bytes(tmp_path):
+    """DVC hashes output files: equal embeddings must make equal files (safetensors writes several
+    metadata entries in a per-run hash-map order; measured: 10 saves, 10 different files)."""
+    emb = torch.randn(3, 2, 8)
+    a = E.save(tmp_path / "a", "coco", "val", [1, 2, 3], emb, ENC).read_bytes()
+    for _ in range(5):
+        assert E.save(tmp_path / "b", "coco", "val", [1, 2, 3], emb, ENC).read_bytes() == a
+
+
 def test_stale_or_missing_cache_is_refused(tmp_path):
     E.save(tmp_path, "cifar", "train", [0, 1], torch.randn(2, 1, 8), ENC)
     with pytest.raises(UserError, match="stale cache"):

@@ -225,6 +225,14 @@ def test_save_then_load_gives_the_same_answers(trained, tmp_path):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     cfg = read_json(out / "vlm_config.json")
     assert cfg["base_model"] == "base" and cfg["template"] == V.TEMPLATE and cfg["encoder"] == {"name": "test"}
+    # Nothing names the temporary directory the tiny base was built in: saving is reproducible.
+    base_tmp = str(model.info["base_path"])
+    assert not [f for f in out.rglob("*") if f.is_file() and base_tmp.encode() in f.read_bytes()]
+    assert read_json(out / "adapter/adapter_config.json")["base_model_name_or_path"] == "base"
+    again = tmp_path / "again"
+    model.save(again)
+    assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == \
+        {f.relative_to(again): f.read_bytes() for f in again.rglob("*") if f.is_file()}
     loaded = V.load_vlm(out, "cpu")
     qs = [(i, j) for i in range(6) for j in range(5)]
     assert V.predict_turns(loaded, val, qs) == V.predict_turns(model, val, qs)

@@ -18,6 +18,7 @@ another encoder, so a stale cache is never used::
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,11 @@ def save(root: str | os.PathLike, dataset: str, split: str, ids: Sequence[int] |
     meta = {"format": FORMAT, "encoder_name": str(encoder["name"]), "encoder_hash": str(encoder["hash"]),
             "regions": str(emb.shape[1]), "dim": str(emb.shape[2]), "dataset": dataset, "split": split}
     with atomic_path(dest) as tmp:
-        save_file({"ids": ids.contiguous(), "embeddings": emb.to(torch.float16).contiguous()}, str(tmp), metadata=meta)
+        # One metadata entry holding sorted JSON: safetensors writes several entries in hash-map
+        # order, which differs between runs, so identical embeddings got a different file hash
+        # and DVC saw a changed output on every fresh run.
+        save_file({"ids": ids.contiguous(), "embeddings": emb.to(torch.float16).contiguous()}, str(tmp),
+                  metadata={"vlmpipe": json.dumps(meta, sort_keys=True)})
     return dest
 
 
@@ -117,6 +122,7 @@ def load(root: str | os.PathLike, dataset: str, split: str, expect_encoder: dict
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            meta = json.loads(meta["vlmpipe"]) if "vlmpipe" in meta else meta  # earlier files: flat entries
             ids, emb = f.get_tensor("ids"), f.get_tensor("embeddings")
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's stale/corrupt cache
         raise UserError(f"{path}: unreadable embeddings file ({str(e).splitlines()[0][:200]})") from None

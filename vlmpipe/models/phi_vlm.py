@@ -361,21 +361,29 @@ class PhiVLM(nn.Module):
         """Adapter, projector, tokenizer, config (+ the tiny base, copied in)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(str(d / "adapter"), safe_serialization=True)
-        self.projector.save(d)
-        self.tokenizer.save_pretrained(str(d / "tokenizer"))
         info = dict(self.info)
         src = info.pop("base_path", None)
         info.pop("model_dir", None)
         if info.get("base_in_dir"):
             shutil.copytree(src, d / "base")
             info["base_model"] = "base"
-        # The adapter's own config names its base; make it the portable one.
-        acfg = d / "adapter" / "adapter_config.json"
-        if acfg.exists():
-            a = read_json(acfg)
-            a["base_model_name_or_path"] = info["base_model"]
-            write_json(acfg, a)
+        # The adapter's config names its base: make that the portable name, not the temporary
+        # directory the tiny base was built in (it made every save differ). peft's model card
+        # names that directory too, through several attributes: write a plain card instead.
+        configs = list(self.lm.peft_config.values())
+        names = [c.base_model_name_or_path for c in configs]
+        for c in configs:
+            c.base_model_name_or_path = info["base_model"]
+        try:
+            self.lm.save_pretrained(str(d / "adapter"), safe_serialization=True)
+        finally:
+            for c, n in zip(configs, names):
+                c.base_model_name_or_path = n
+        (d / "adapter" / "README.md").write_text(
+            f"LoRA adapter of a vlmpipe visual QA model on `{info['base_model']}`.\n"
+            "Load the whole model (base, adapter, projector) with `vlmpipe.models.phi_vlm.load_vlm`.\n")
+        self.projector.save(d)
+        self.tokenizer.save_pretrained(str(d / "tokenizer"))
         write_json(d / CONFIG_NAME, info)
 
 
