@@ -10,18 +10,19 @@ in 4-bit learns very slowly through LoRA alone), and writes it with
 """
 from __future__ import annotations
 
+import csv
 import logging
-import math
 import random
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
+from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, PhiConfig, PreTrainedTokenizerFast
 
 from vlmpipe.io import atomic_path, write_json
-from vlmpipe.params import TinyLMParams
+from vlmpipe.params import TinyLMParams, TrainParams
 from vlmpipe.text import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,30 +46,54 @@ def tiny_config(kind: str, p: TinyLMParams, tok: PreTrainedTokenizerFast):
     raise ValueError(f"unknown tiny LM kind {kind!r}")
 
 
-def _warmup(model: torch.nn.Module, tok: PreTrainedTokenizerFast, texts: Sequence[str],
-            steps: int, lr: float, seed: int, batch_size: int = 32) -> float:
-    """Plain next-token training on ``texts`` (each followed by EOS); returns the last loss."""
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    loss_val = float("nan")
-    bar = tqdm(range(steps), desc="LM warm-up", leave=False)
-    for step in bar:
-        batch = [texts[rng.randrange(len(texts))] + tok.eos_token for _ in range(batch_size)]
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=MAX_POSITIONS)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        # Cosine decay: the warm-up should end settled, not mid-jump.
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss_val = loss.item()
-        bar.set_postfix(loss=f"{loss_val:.3f}")
+class _CausalLMTask(nn.Module):
+    """A causal LM in the shared loop's contract: batch -> {loss, samples, tokens}."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict) -> dict:
+        out = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return {"loss": out.loss, "samples": batch["input_ids"].shape[0], "tokens": int(batch["attention_mask"].sum())}
+
+
+class _WarmupTexts(torch.utils.data.Dataset):
+    """``steps * batch_size`` texts drawn (with replacement, seeded) from ``texts``, EOS appended."""
+
+    def __init__(self, tok: PreTrainedTokenizerFast, texts: Sequence[str], n: int, seed: int) -> None:
+        rng = random.Random(seed)
+        self.tok, self.texts = tok, [texts[rng.randrange(len(texts))] + tok.eos_token for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> str:
+        return self.texts[i]
+
+    def collate(self, batch: list[str]) -> dict:
+        enc = self.tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=MAX_POSITIONS)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+
+
+def _warmup(kind: str, model: nn.Module, tok: PreTrainedTokenizerFast, texts: Sequence[str], p: TinyLMParams,
+            seed: int, batch_size: int = 32) -> float:
+    """Next-token training on ``texts`` through the shared loop (cosine decay, no warm-up ramp:
+    the base should end settled, not mid-jump); returns the last step's loss."""
+    from vlmpipe.train import TrainTask, fit
+
+    data = _WarmupTexts(tok, texts, p.warmup_steps * batch_size, seed)
+    cfg = TrainParams(epochs=1, batch_size=batch_size, lr=p.warmup_lr, weight_decay=0.0, warmup_ratio=0.0,
+                      grad_clip=1.0, checkpoint_every=0, device="cpu")
+    task = TrainTask(f"tiny {kind} warm-up", _CausalLMTask(model), data, data.collate)
+    with tempfile.TemporaryDirectory(prefix="vlmpipe-warmup-") as tmp:
+        fit(task, cfg, seed=seed, ckpt_dir=Path(tmp) / "ckpt", report_dir=Path(tmp) / "reports",
+            identity={"tiny_lm": kind, "params": vars(p)})
+        with open(Path(tmp) / "reports" / "train_curve.csv") as f:
+            last = list(csv.DictReader(f))[-1]
     model.eval()
-    return loss_val
+    return float(last["loss"])
 
 
 def build_tiny_lm(kind: str, p: TinyLMParams, texts: Sequence[str], out_dir: str | Path,
@@ -88,7 +113,7 @@ def build_tiny_lm(kind: str, p: TinyLMParams, texts: Sequence[str], out_dir: str
     log.info("tiny %s: %.2fM parameters, vocab %d", kind, n_params / 1e6, len(tok))
     last_loss = None
     if p.warmup_steps > 0:
-        last_loss = _warmup(model, tok, texts, p.warmup_steps, p.warmup_lr, seed)
+        last_loss = _warmup(kind, model, tok, texts, p, seed)
         log.info("tiny %s: LM warm-up %d steps, final loss %.3f", kind, p.warmup_steps, last_loss)
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
