@@ -367,18 +367,18 @@ class PhiVLM(nn.Module):
         if info.get("base_in_dir"):
             shutil.copytree(src, d / "base")
             info["base_model"] = "base"
-        # The adapter's config names its base: make that the portable name, not the temporary
-        # directory the tiny base was built in (it made every save differ). peft's model card
-        # names that directory too, through several attributes: write a plain card instead.
-        configs = list(self.lm.peft_config.values())
-        names = [c.base_model_name_or_path for c in configs]
-        for c in configs:
-            c.base_model_name_or_path = info["base_model"]
-        try:
-            self.lm.save_pretrained(str(d / "adapter"), safe_serialization=True)
-        finally:
-            for c, n in zip(configs, names):
-                c.base_model_name_or_path = n
+        # Save with the real base path (peft looks the base up while saving), then make the config
+        # portable: its base under the name load_vlm uses, not the temporary directory the tiny base
+        # was built in, and target_modules sorted (peft keeps a set: string-hash order per process).
+        # peft's model card names that directory too: a plain card replaces it. Equal models now
+        # save to equal bytes, which DVC's output hashes rely on.
+        self.lm.save_pretrained(str(d / "adapter"), safe_serialization=True)
+        acfg = d / "adapter" / "adapter_config.json"
+        a = read_json(acfg)
+        a["base_model_name_or_path"] = info["base_model"]
+        if isinstance(a.get("target_modules"), list):
+            a["target_modules"] = sorted(a["target_modules"])
+        write_json(acfg, a)
         (d / "adapter" / "README.md").write_text(
             f"LoRA adapter of a vlmpipe visual QA model on `{info['base_model']}`.\n"
             "Load the whole model (base, adapter, projector) with `vlmpipe.models.phi_vlm.load_vlm`.\n")
