@@ -1,6 +1,6 @@
 """Captioner training throughput: cached features vs the frozen encoder run in the loop.
 
-    python benchmarks/bench_caption_cache.py [--images 256] [--steps 20] [--batch-size N] [--root DIR] [--out FILE]
+    python benchmarks/bench_caption_cache.py [--images N] [--steps 20] [--batch-size N] [--root DIR] [--out FILE]
 
 Both variants train the same captioner (same init, same batches, same batch
 size, same process) for ``--steps`` optimizer steps after ``--warmup`` untimed
@@ -130,7 +130,8 @@ def _run(variants: dict, batches, clip: float, lr: float, warmup: int) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=256, help="training images (x their captions = samples)")
+    ap.add_argument("--images", type=int, default=None,
+                    help="training images (x their captions = samples); default: enough for the steps at 5 captions each")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, default=None, help="default: captioner.train.batch_size")
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p = load_params()
     cp = p.captioner
     bs = args.batch_size or cp.train.batch_size
+    if args.images is None:  # COCO has five captions per image
+        args.images = -(-(args.steps + args.warmup) * bs // 5)
     torch.manual_seed(p.seed)
     data = _Images(root / "data/coco", args.images, p.coco.image_size, p.seed)
     texts = [c for caps in data.captions for c in caps]
