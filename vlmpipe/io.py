@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from vlmpipe.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
@@ -58,3 +60,19 @@ def write_json(dest: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_image(path: str | os.PathLike):
+    """An RGB PIL image, or a ``UserError`` naming the file (for the CLI's image arguments)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+        # SyntaxError: how PIL reports some broken PNG headers.
+        raise UserError(f"{path}: cannot read image ({str(e).splitlines()[0][:200] or type(e).__name__})") from None

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmpipe.errors import UserError
-from vlmpipe.io import atomic_path, read_json, write_json
+from vlmpipe.io import atomic_path, read_image, read_json, write_json
 from vlmpipe.models.projector import PrefixProjector
 
 log = logging.getLogger(__name__)
@@ -584,21 +584,6 @@ def image_encoder(model: Captioner):
         raise UserError(f"{model.info.get('model_dir')}: its encoder {enc['name']} now has weights {ident['hash']}, "
                         f"but the captioner was trained on features of {enc['hash']} (retrain: `dvc repro`)")
     return fn
-
-
-def read_image(path: str | os.PathLike):
-    """An RGB PIL image, or a ``UserError`` naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
-        raise UserError(f"{path}: cannot read image ({str(e).splitlines()[0][:200] or type(e).__name__})") from None
 
 
 def caption_images(model: Captioner, images: Sequence, beam_size: int | None = None,

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from vlmpipe.errors import UserError
-from vlmpipe.io import read_json, write_json
+from vlmpipe.io import read_image, read_json, write_json
 from vlmpipe.models.projector import PrefixProjector
 
 log = logging.getLogger(__name__)
@@ -570,21 +570,6 @@ def eval_questions(data: QADataset, max_questions: int, seed: int = 0) -> list[t
             break
         out += [(i, j) for j in range(len(data.conversations[i]))]
     return out[:max_questions]
-
-
-def read_image(path: str | os.PathLike):
-    """An RGB PIL image, or a ``UserError`` naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
-        raise UserError(f"{path}: cannot read image ({str(e).splitlines()[0][:200] or type(e).__name__})") from None
 
 
 def siglip_dir_of(model: PhiVLM) -> Path:
