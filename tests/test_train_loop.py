@@ -171,6 +171,7 @@ def test_outputs_and_checkpoint_contents(tmp_path):
     assert res.steps == 24 and res.samples_per_s > 0 and res.tokens_per_s == pytest.approx(3 * res.samples_per_s)
     rows = _rows(tmp_path / "reports/train_curve.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 25))
+    assert res.final_loss == float(rows[-1]["loss"])
     assert set(rows[0]) == {"step", "epoch", "loss", "lr", "samples_per_s", "tokens_per_s"}
     lrs = [float(r["lr"]) for r in rows]
     warm = round(0.1 * 24)

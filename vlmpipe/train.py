@@ -90,6 +90,7 @@ class FitResult:
     steps: int
     train_seconds: float = 0.0
     resumed_from_step: int = 0
+    final_loss: float = math.nan  # the last optimizer step's training loss
 
 
 # --------------------------------------------------------------------- distributed
@@ -469,7 +470,8 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
     final = {k: v for k, v in (val_rows[-1] if val_rows else {}).items() if k not in ("epoch", "step")}
     result = FitResult(metrics=final, samples_per_s=seen["samples"] / max(seen["seconds"], 1e-9),
                        tokens_per_s=seen["tokens"] / max(seen["seconds"], 1e-9), steps=total,
-                       train_seconds=seen["seconds"], resumed_from_step=start)
+                       train_seconds=seen["seconds"], resumed_from_step=start,
+                       final_loss=train_rows[-1]["loss"] if train_rows else math.nan)
     if main:
         _write_csv(report_dir / "train_curve.csv", train_rows)
         _write_csv(report_dir / "val_curve.csv", val_rows)

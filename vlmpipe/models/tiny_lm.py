@@ -10,7 +10,6 @@ in 4-bit learns very slowly through LoRA alone), and writes it with
 """
 from __future__ import annotations
 
-import csv
 import logging
 import random
 import tempfile
@@ -88,12 +87,10 @@ def _warmup(kind: str, model: nn.Module, tok: PreTrainedTokenizerFast, texts: Se
                       grad_clip=1.0, checkpoint_every=0, device="cpu")
     task = TrainTask(f"tiny {kind} warm-up", _CausalLMTask(model), data, data.collate)
     with tempfile.TemporaryDirectory(prefix="vlmpipe-warmup-") as tmp:
-        fit(task, cfg, seed=seed, ckpt_dir=Path(tmp) / "ckpt", report_dir=Path(tmp) / "reports",
-            identity={"tiny_lm": kind, "params": vars(p)})
-        with open(Path(tmp) / "reports" / "train_curve.csv") as f:
-            last = list(csv.DictReader(f))[-1]
+        res = fit(task, cfg, seed=seed, ckpt_dir=Path(tmp) / "ckpt", report_dir=Path(tmp) / "reports",
+                  identity={"tiny_lm": kind, "params": vars(p)})
     model.eval()
-    return float(last["loss"])
+    return res.final_loss
 
 
 def build_tiny_lm(kind: str, p: TinyLMParams, texts: Sequence[str], out_dir: str | Path,
