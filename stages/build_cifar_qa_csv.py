@@ -11,6 +11,7 @@ from vlmpipe.data import cifar, qa
 from vlmpipe.errors import stage_entry
 from vlmpipe.io import atomic_path, write_bytes
 from vlmpipe.params import load_params
+from vlmpipe.sources import preflight
 
 CIFAR_OUT = "data/cifar"
 CSV_OUT = "data/cifar_qa.csv"
@@ -22,6 +23,7 @@ def main() -> None:
     from vlmpipe.tracking import stage_run
 
     p = load_params()
+    preflight("build_cifar_qa_csv", p)  # anything this or a later stage cannot fetch: one line now
     params = {**flatten({"cifar": to_dict(p.cifar), "qa": to_dict(p.qa)}), "seed": p.seed}
     with stage_run("build_cifar_qa_csv", params):
         with atomic_path(CIFAR_OUT) as tmp:

@@ -10,6 +10,7 @@ from vlmpipe.data import coco
 from vlmpipe.errors import stage_entry
 from vlmpipe.io import atomic_path
 from vlmpipe.params import load_params
+from vlmpipe.sources import preflight
 
 OUT = "data/coco"
 
@@ -20,6 +21,7 @@ def main() -> None:
     from vlmpipe.tracking import stage_run
 
     p = load_params()
+    preflight("download_coco", p)  # anything this or a later stage cannot fetch: one line now
     with stage_run("download_coco", {**flatten({"coco": to_dict(p.coco)}), "seed": p.seed}):
         with atomic_path(OUT) as tmp:
             coco.build(p.coco, p.seed, tmp)

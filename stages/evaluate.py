@@ -32,12 +32,15 @@ def main() -> None:
     from vlmpipe.data.qa import read_qa_csv
     from vlmpipe.io import write_json
     from vlmpipe.params import flatten, load_params, to_dict
-    from vlmpipe.runtime import seed_everything
+    from vlmpipe.runtime import resolve_device, seed_everything
+    from vlmpipe.sources import preflight
     from vlmpipe.tracking import stage_run
 
     p = load_params()
+    preflight("evaluate", p)  # anything this or a later stage cannot fetch: one line now
     e = p.evaluate
     seed_everything(p.seed)
+    device = resolve_device(e.device, "evaluate.device")
     torch.set_grad_enabled(False)
     for need in (CSV, CIFAR, COCO, EMB, SIGLIP, PHI, CAPTIONER):
         if not need.exists():
@@ -45,12 +48,12 @@ def main() -> None:
 
     with stage_run("evaluate", flatten({"evaluate": to_dict(e)})) as run:
         df = read_qa_csv(CSV, CIFAR)
-        log.info("scoring SigLIP")
-        sig = heldout.evaluate_siglip(SIGLIP, CIFAR, df, e.max_images)
+        log.info("scoring SigLIP on %s", device)
+        sig = heldout.evaluate_siglip(SIGLIP, CIFAR, df, e.max_images, device=device)
         log.info("scoring the QA model")
-        vqa, qa_examples = heldout.evaluate_vqa(PHI, EMB, df, e.max_images, csv_path=str(CSV))
+        vqa, qa_examples = heldout.evaluate_vqa(PHI, EMB, df, e.max_images, csv_path=str(CSV), device=device)
         log.info("scoring the captioner")
-        cap, cap_examples = heldout.evaluate_captioner(CAPTIONER, EMB, COCO, e.max_images)
+        cap, cap_examples = heldout.evaluate_captioner(CAPTIONER, EMB, COCO, e.max_images, device=device)
 
         metrics = {
             "siglip": {k: round(v, 4) for k, v in sig.items()},

@@ -32,13 +32,17 @@ log = logging.getLogger("precompute_embeddings")
 def main() -> None:
     t0 = time.perf_counter()
     from vlmpipe.params import flatten, load_params, to_dict
+    from vlmpipe.sources import preflight
     from vlmpipe.tracking import stage_run
     from vlmpipe.train import setup_distributed, shutdown_distributed
 
     p = load_params()
-    rank, world, device = setup_distributed(p.embeddings.device)
+    preflight("precompute_embeddings", p)  # anything this or a later stage cannot fetch: one line now
+    rank, world, device = setup_distributed(p.embeddings.device, "embeddings.device")
     params = {**flatten({"embeddings": to_dict(p.embeddings)}),
-              "captioner.vision_encoder": p.captioner.vision_encoder, "captioner.regions": p.captioner.regions}
+              "captioner.vision_encoder": p.captioner.vision_encoder,
+              "captioner.vision_encoder_revision": p.captioner.vision_encoder_revision,
+              "captioner.regions": p.captioner.regions}
     with stage_run("precompute_embeddings", params, enabled=rank == 0):
         _embed_all(p, rank, device)
     if rank == 0:
@@ -68,7 +72,7 @@ def _embed_all(p, rank: int, device) -> None:
     if name == "siglip":
         fn, ident = E.siglip_encoder(siglip, regions), siglip_id
     else:
-        fn, ident = E.clip_encoder(name, regions, device)
+        fn, ident = E.clip_encoder(name, regions, device, p.captioner.vision_encoder_revision)
     for split in ("train", "val"):
         coco = CocoCaptions(COCO, split)
         emb = E.embed_sharded(fn, coco.ids, coco.image, bs, desc=f"coco {split}")

@@ -33,11 +33,13 @@ def main() -> None:
     from vlmpipe.models.captioner import train_captioner
     from vlmpipe.params import flatten, load_params, to_dict
     from vlmpipe.runtime import seed_everything
+    from vlmpipe.sources import preflight
     from vlmpipe.tracking import stage_run
     from vlmpipe.train import setup_distributed, shutdown_distributed
 
     p = load_params()
-    rank, world, _ = setup_distributed(p.captioner.train.device)
+    preflight("train_gpt2_captioner", p)  # anything this or a later stage cannot fetch: one line now
+    rank, world, _ = setup_distributed(p.captioner.train.device, "captioner.train.device")
     seed_everything(p.seed)
     params = {**flatten({"captioner": to_dict(p.captioner)}), "seed": p.seed}
     with stage_run("train_gpt2_captioner", params, enabled=rank == 0) as run:

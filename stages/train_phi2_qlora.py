@@ -32,9 +32,11 @@ def main() -> None:
     from vlmpipe.models.phi_vlm import train_phi_vlm
     from vlmpipe.params import flatten, load_params, to_dict
     from vlmpipe.runtime import seed_everything
+    from vlmpipe.sources import preflight
     from vlmpipe.tracking import stage_run
 
     p = load_params()
+    preflight("train_phi2_qlora", p)  # anything this or a later stage cannot fetch: one line now
     seed_everything(p.seed)
     with stage_run("train_phi2_qlora", {**flatten({"phi2": to_dict(p.phi2)}), "seed": p.seed, "lr": p.lr}) as run:
         m = train_phi_vlm(p.phi2, seed=p.seed, csv_path=CSV, cifar_root=CIFAR, embeddings_root=EMBEDDINGS,

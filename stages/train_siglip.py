@@ -36,25 +36,25 @@ def main() -> None:
     from vlmpipe.data.cifar import load_split
     from vlmpipe.data.qa import read_qa_csv
     from vlmpipe.io import atomic_path
-    from vlmpipe.models.siglip import ImageTextPairs, build_siglip, image_texts, retrieval_metrics
+    from vlmpipe.models.siglip import (ImageTextPairs, build_siglip, image_texts, retrieval_captions,
+                                       retrieval_metrics)
     from vlmpipe.params import flatten, load_params, to_dict
     from vlmpipe.runtime import seed_everything
+    from vlmpipe.sources import preflight
     from vlmpipe.tracking import stage_run
     from vlmpipe.train import TrainTask, fingerprint, fit, setup_distributed, shutdown_distributed
 
     p = load_params()
+    preflight("train_siglip", p)  # anything this or a later stage cannot fetch: one line now
     s = p.siglip
-    rank, world, _ = setup_distributed(s.train.device)
+    rank, world, _ = setup_distributed(s.train.device, "siglip.train.device")
     seed_everything(p.seed)
 
     train, test = load_split(CIFAR, "train"), load_split(CIFAR, "test")
     df = read_qa_csv(CSV, CIFAR)
     tr, te = image_texts(df, "train", len(train), train.label_names), image_texts(df, "test", len(test), test.label_names)
     prompts = tr.prompts
-    # Held-out retrieval over the test images whose caption names class, colour and background.
-    test_captions = [c if ok else None for c, ok in zip(te.captions, te.complete)]
-    if sum(map(bool, test_captions)) < 2:  # a user CSV without question types: retrieve the class prompts
-        test_captions = [c or prompts[int(lab)] for c, lab in zip(te.captions, test.labels)]
+    test_captions = retrieval_captions(te, test.labels)
     texts = prompts + [c for c in tr.captions if c] + [t for ts in tr.qa_texts for t in ts]
 
     model = build_siglip(s, texts)

@@ -21,6 +21,8 @@ class FileServer:
         self.drop_once: set[str] = set()
         self.drop_always: set[str] = set()
         self.ignore_range: set[str] = set()
+        # Paths answered 206 for a Range request but with the whole file from byte 0 (a broken proxy).
+        self.wrong_range: set[str] = set()
         self.log: list[tuple[str, str | None, int]] = []
         server = self
 
@@ -37,6 +39,14 @@ class FileServer:
                     self.send_error(404)
                     return
                 start = 0
+                if rng and path in server.wrong_range:
+                    server.log.append((path, rng, 206))
+                    self.send_response(206)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if rng and path not in server.ignore_range:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(data):
@@ -64,6 +74,25 @@ class FileServer:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+
+# Fixtures that run a whole preset through `dvc repro` (minutes): every test using one is slow.
+SLOW_FIXTURES = {"tiny_repo", "full_repo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_download_dir(tmp_path_factory):
+    """Downloads (and their verification record) in a folder of this test session, never ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLMPIPE_DOWNLOAD_DIR", str(tmp_path_factory.mktemp("downloads")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture

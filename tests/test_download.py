@@ -101,6 +101,51 @@ def test_gives_up_after_retries(tmp_path, file_server):
     assert not (tmp_path / "f.bin").exists()
 
 
+def test_a_placed_file_that_differs_is_kept_and_named(tmp_path, file_server):
+    """A file already at the destination may be the user's own copy: never deleted, even when wrong."""
+    file_server.files["/f.bin"] = PAYLOAD
+    mine = tmp_path / "f.bin"
+    mine.write_bytes(b"my own bytes")
+    with pytest.raises(UserError) as e:
+        _get(mine, file_server, md5=MD5, key="coco.url", hint="or set coco.verify: false")
+    msg = str(e.value)
+    assert msg.startswith("coco.url: ") and str(mine) in msg and "md5 mismatch" in msg and "move it away" in msg
+    assert "coco.verify: false" in msg and "\n" not in msg
+    assert mine.read_bytes() == b"my own bytes" and file_server.log == []
+
+
+def test_unreachable_server_fails_at_once_with_where_to_put_the_file(tmp_path, monkeypatch):
+    import servers
+
+    slept = []
+    monkeypatch.setattr("vlmpipe.download.time.sleep", slept.append)
+    url = f"http://127.0.0.1:{servers.dead_port()}/zips/train2017.zip"
+    with pytest.raises(UserError) as e:
+        download(url, tmp_path / "train2017.zip", key="coco.url", hint=f"put train2017.zip in {tmp_path}")
+    msg = str(e.value)
+    assert msg.startswith(f"coco.url: {url}: cannot reach the server") and f"put train2017.zip in {tmp_path}" in msg
+    assert slept == []  # no retries with backoff: nothing answers there
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_range_answered_from_another_offset_is_never_appended(tmp_path, file_server):
+    """No size known: a 206 whose Content-Range does not start where the partial ends restarts
+    from byte 0 instead of appending (it used to give a longer file, logged as verified)."""
+    file_server.files["/f.bin"] = PAYLOAD
+    file_server.wrong_range.add("/f.bin")
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:1000])
+    dest = _get(tmp_path / "f.bin", file_server)
+    assert dest.read_bytes() == PAYLOAD
+    assert [s for _, _, s in file_server.log] == [206, 200]
+
+
+def test_credentials_in_a_url_are_not_echoed(tmp_path, file_server):
+    url = file_server.url("/missing.bin").replace("http://", "http://user:s3cret@")
+    with pytest.raises(UserError) as e:
+        download(url, tmp_path / "m.bin")
+    assert "s3cret" not in str(e.value) and "***@127.0.0.1" in str(e.value)
+
+
 # --- archives --------------------------------------------------------------------
 
 

@@ -141,9 +141,67 @@ def test_image_towers(tmp_path, monkeypatch):
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 512)
     r18 = ImageTower("resnet18", 64).eval()
     assert r18(torch.randn(2, 3, 64, 64)).shape == (2, 64)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: never a download
-    with pytest.raises(UserError, match="not in the torch cache"):
-        ImageTower("resnet50", 512, pretrained=True)
+
+
+def test_imagenet_weights_come_from_the_torch_cache(tmp_path, monkeypatch):
+    """Pre-placed as a user's earlier run (or a test) leaves them: loaded with no network at all."""
+    from torchvision.models import resnet18
+
+    from vlmpipe.models import image_tower
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    ref = resnet18()
+    dest = image_tower.weights_file("resnet18")
+    assert dest.parent == tmp_path / "hub" / "checkpoints"
+    dest.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), dest)
+    tower = ImageTower("resnet18", 64, pretrained=True)
+    torch.testing.assert_close(tower.trunk.conv1.weight, ref.conv1.weight)
+
+
+def test_imagenet_weights_are_downloaded_and_checked(tmp_path, monkeypatch, file_server):
+    """A missing file is fetched once into $TORCH_HOME and checked against the sha256 prefix in its
+    name (torch.hub's convention); a file that does not match is deleted with a clear error."""
+    import hashlib
+    import io
+    from types import SimpleNamespace
+
+    from vlmpipe.models import image_tower
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    data = buf.getvalue()
+    good = f"/resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    file_server.files[good] = data
+    monkeypatch.setitem(image_tower.IMAGENET_WEIGHTS, "resnet18", SimpleNamespace(url=file_server.url(good)))
+    path = image_tower.fetch_weights("resnet18")
+    assert path == tmp_path / "hub" / "checkpoints" / good[1:] and path.read_bytes() == data
+    image_tower.fetch_weights("resnet18")
+    assert len(file_server.log) == 1  # cached: not fetched again
+    file_server.files["/resnet18-00000000.pth"] = data
+    monkeypatch.setitem(image_tower.IMAGENET_WEIGHTS, "resnet18",
+                        SimpleNamespace(url=file_server.url("/resnet18-00000000.pth")))
+    with pytest.raises(UserError, match="does not match the sha256 prefix 00000000"):
+        image_tower.fetch_weights("resnet18")
+    assert not (tmp_path / "hub" / "checkpoints" / "resnet18-00000000.pth").exists()
+
+
+def test_imagenet_weights_offline_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vlmpipe.models import image_tower
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # A host that does not resolve, as on an offline machine (".invalid" never resolves).
+    monkeypatch.setitem(image_tower.IMAGENET_WEIGHTS, "resnet50",
+                        SimpleNamespace(url="https://weights.invalid/models/resnet50-11ad3fa6.pth"))
+    with pytest.raises(UserError) as e:
+        image_tower.fetch_weights("resnet50")
+    msg = str(e.value)
+    assert msg.startswith("siglip.pretrained: ") and "cannot reach the server" in msg and "\n" not in msg
+    assert f"put resnet50-11ad3fa6.pth in {tmp_path / 'hub' / 'checkpoints'}" in msg
 
 
 class _Stub:

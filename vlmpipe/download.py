@@ -21,16 +21,20 @@ the archive and the member.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
+import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
@@ -81,6 +85,84 @@ def _verify(path: Path, name: str, size: int | None, checksums: dict[str, str]) 
     return None
 
 
+def safe_url(url: str) -> str:
+    """``url`` without credentials (``https://user:pw@host`` -> ``https://***@host``), for messages."""
+    u = urllib.parse.urlsplit(url)
+    if u.username is None and u.password is None:
+        return url
+    host = u.hostname or ""
+    netloc = f"***@{host}" + (f":{u.port}" if u.port else "")
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+
+
+# Failures that mean "this host cannot be reached at all" (no DNS, no route, nothing listening):
+# retrying for a minute helps nobody on an offline machine or with a mistyped mirror.
+_UNREACHABLE = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
+
+
+def _unreachable(e: BaseException) -> bool:
+    reason = getattr(e, "reason", e)
+    return isinstance(reason, socket.gaierror) or getattr(reason, "errno", None) in _UNREACHABLE
+
+
+def _verified_record() -> Path:
+    return default_download_dir() / "verified.json"
+
+
+def _stat_key(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _already_verified(path: Path, checksums: dict[str, str]) -> bool:
+    """``path`` passed these checksums before and has not changed since (same size, mtime, inode):
+    a 19 GB archive is hashed once, not on every run of its stage."""
+    rec = _verified_record()
+    try:
+        entry = json.loads(rec.read_text()).get(str(path.resolve()))
+    except (OSError, ValueError):
+        return False
+    return bool(entry) and entry.get("stat") == _stat_key(path) and \
+        all(entry.get("checksums", {}).get(a) == v.lower() for a, v in checksums.items())
+
+
+def _remember_verified(path: Path, checksums: dict[str, str]) -> None:
+    if not checksums:
+        return
+    rec = _verified_record()
+    try:
+        data = json.loads(rec.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[str(path.resolve())] = {"stat": _stat_key(path), "checksums": {a: v.lower() for a, v in checksums.items()}}
+    try:
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        tmp = rec.with_name(f".{rec.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, rec)
+    except OSError as e:  # only a speed-up: never fail a download over it
+        log.debug("cannot record verification in %s: %s", rec, e)
+
+
+def verify_file(path: str | os.PathLike, *, size: int | None = None, md5: str | None = None,
+                sha256: str | None = None, hint: str = "") -> Path:
+    """Check a file that is already on disk (a user's copy, or an earlier download); never deletes it.
+
+    A mismatch is a ``UserError`` naming the file, expected and got values, and ``hint``.
+    """
+    path = Path(path)
+    checksums = {k: v for k, v in (("md5", md5), ("sha256", sha256)) if v}
+    if not path.is_file():
+        raise UserError(f"{path}: not found" + (f"; {hint}" if hint else ""))
+    if path.stat().st_size == size and _already_verified(path, checksums):
+        return path
+    problem = _verify(path, str(path), size, checksums)
+    if problem is not None:
+        raise UserError(problem + (f"; {hint}" if hint else ""))
+    _remember_verified(path, checksums)
+    return path
+
+
 def download(
     url: str,
     dest: str | os.PathLike,
@@ -92,28 +174,40 @@ def download(
     retries: int = 5,
     backoff: float = 2.0,
     timeout: float = 60.0,
+    key: str = "",
+    hint: str = "",
 ) -> Path:
     """Download ``url`` to ``dest`` (resuming, retrying, verifying); return ``dest``.
 
-    An existing ``dest`` that verifies is kept without touching the network;
-    an existing ``<dest>.part`` is resumed. ``retries`` counts consecutive
+    An existing ``dest`` that verifies is kept without touching the network.
+    One that does not verify is never deleted (it may be a copy the user put
+    there): that is a ``UserError`` saying what differs. An existing
+    ``<dest>.part`` (always ours) is resumed. ``retries`` counts consecutive
     failed attempts: an attempt that received data resets it, so a long
-    download over a flaky link still finishes.
+    download over a flaky link still finishes. A host that cannot be reached
+    at all (no DNS, no route, refused) fails at once, naming the file, where
+    to put it by hand (``hint``) and the param (``key``) that chose the URL.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     checksums = {k: v for k, v in (("md5", md5), ("sha1", sha1), ("sha256", sha256)) if v}
     dest.parent.mkdir(parents=True, exist_ok=True)
+    shown = safe_url(url)
+    where = f"{key}: " if key else ""
 
     if dest.exists():
-        problem = _verify(dest, str(dest), size, checksums)
-        if problem is None:
+        if _already_verified(dest, checksums) and (size is None or dest.stat().st_size == size):
             log.info("%s: already downloaded", dest)
             return dest
-        log.warning("%s; downloading again", problem)
-        dest.unlink()
+        problem = _verify(dest, str(dest), size, checksums)
+        if problem is None:
+            _remember_verified(dest, checksums)
+            log.info("%s: already downloaded", dest)
+            return dest
+        raise UserError(f"{where}{problem}: it is not the file {shown} serves; move it away to download it again"
+                        + (f", or {hint}" if hint else ""))
 
-    failures = 0
+    failures, received = 0, False
     while True:
         try:
             before = part.stat().st_size if part.exists() else 0
@@ -123,12 +217,18 @@ def download(
             reason = str(e)
         except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError, TimeoutError) as e:
             if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429):
-                raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
+                raise UserError(f"{where}{shown}: HTTP {e.code} {e.reason}") from None
+            if _unreachable(e) and not received:
+                why = getattr(e, "reason", e)
+                raise UserError(f"{where}{shown}: cannot reach the server ({getattr(why, 'strerror', None) or why}); "
+                                f"{hint or f'put {dest.name} in {dest.parent}'}") from None
             reason = f"{type(e).__name__}: {e}"
         after = part.stat().st_size if part.exists() else 0
+        received = received or after > before
         failures = 0 if after > before else failures + 1
         if failures > retries:
-            raise UserError(f"{url}: download failed after {retries} retries ({reason}); rerun to resume from {part}")
+            raise UserError(f"{where}{shown}: download failed after {retries} retries ({reason}); "
+                            f"rerun to resume from {part}")
         # A drop after progress reconnects at once; repeated failures back off.
         delay = backoff * 2 ** (failures - 1) if failures else 0.0
         log.warning("%s: %s; retrying in %.1fs from byte %d", dest.name, reason, delay, after)
@@ -136,13 +236,17 @@ def download(
 
     problem = _verify(part, str(dest), size, checksums)
     if problem is not None:
-        # A wrong file must not survive under any name that could pass for the
-        # real one; the next run starts from scratch.
+        # Our own partial download is wrong: it must not survive under any name that could pass
+        # for the real file; the next run starts from scratch.
         part.unlink(missing_ok=True)
-        raise UserError(problem)
+        raise UserError(f"{where}{problem} (from {shown})")
     os.replace(part, dest)
+    _remember_verified(dest, checksums)
     log.info("%s: downloaded and verified (%d bytes)", dest, dest.stat().st_size)
     return dest
+
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 def _fetch(url: str, part: Path, size: int | None, timeout: float, name: str) -> None:
@@ -172,6 +276,14 @@ def _fetch(url: str, part: Path, size: int | None, timeout: float, name: str) ->
         if start and resp.status != 206:
             log.info("%s: server ignored the range request; restarting from byte 0", name)
             start = 0
+        elif start:
+            # A 206 must continue exactly where the partial file ends; bytes for another offset
+            # appended here would make a file of the right kind and the wrong content.
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
+            if not m or int(m.group(1)) != start:
+                part.unlink(missing_ok=True)
+                raise _Dropped(f"server answered the range request from byte {start} with "
+                               f"{resp.headers.get('Content-Range')!r}; restarting from byte 0")
         length = resp.headers.get("Content-Length")
         remaining = int(length) if length is not None else None
         total = start + remaining if remaining is not None else size

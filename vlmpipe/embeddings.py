@@ -105,6 +105,8 @@ def save(root: str | os.PathLike, dataset: str, split: str, ids: Sequence[int] |
     dest = path_for(root, dataset, split)
     meta = {"format": FORMAT, "encoder_name": str(encoder["name"]), "encoder_hash": str(encoder["hash"]),
             "regions": str(emb.shape[1]), "dim": str(emb.shape[2]), "dataset": dataset, "split": split}
+    if encoder.get("revision"):  # the hub commit of a hub encoder
+        meta["encoder_revision"] = str(encoder["revision"])
     with atomic_path(dest) as tmp:
         # One metadata entry holding sorted JSON: safetensors writes several entries in hash-map
         # order, which differs between runs, so identical embeddings got a different file hash
@@ -129,6 +131,8 @@ def load(root: str | os.PathLike, dataset: str, split: str, expect_encoder: dict
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a vlmpipe embeddings file (format {meta.get('format')!r})")
     encoder = {"name": meta["encoder_name"], "hash": meta["encoder_hash"]}
+    if meta.get("encoder_revision"):
+        encoder["revision"] = meta["encoder_revision"]
     if expect_encoder is not None and (encoder["name"], encoder["hash"]) != (expect_encoder["name"], expect_encoder["hash"]):
         raise UserError(f"{path}: made by encoder {encoder['name']}@{encoder['hash']}, expected "
                         f"{expect_encoder['name']}@{expect_encoder['hash']}: a stale cache "
@@ -207,18 +211,23 @@ def siglip_encoder(model, regions: int) -> Callable[[list], torch.Tensor]:
     return fn
 
 
-def clip_encoder(name: str, regions: int, device: torch.device) -> tuple[Callable[[list], torch.Tensor], dict]:
-    """A frozen CLIP vision tower (hub id or path): its pooled output (768-d for ViT-B/16) per region."""
+def clip_encoder(name: str, regions: int, device: torch.device, revision: str = "main",
+                 key: str = "captioner.vision_encoder") -> tuple[Callable[[list], torch.Tensor], dict]:
+    """A frozen CLIP vision tower (hub id at ``revision``, or a path): its pooled output (768-d for
+    ViT-B/16) per region. The identity records the weights hash and the hub commit."""
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    try:
-        model = CLIPVisionModel.from_pretrained(name).to(device).eval()
-        processor = CLIPImageProcessor.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise UserError(f"captioner.vision_encoder: cannot load CLIP model {name!r} ({str(e).splitlines()[0][:200]})") from None
+    from vlmpipe import hub
+
+    model = hub.load(CLIPVisionModel, name, revision, key).to(device).eval()
+    commit = hub.commit_of(model)
+    processor = hub.load(CLIPImageProcessor, name, commit or revision, key)
 
     def fn(images: list) -> torch.Tensor:
         crops = [c for img in images for c in region_crops(img, regions)]
         pixels = processor(images=crops, return_tensors="pt")["pixel_values"].to(device)
         return model(pixel_values=pixels).pooler_output.float().view(len(images), regions, -1)
-    return fn, encoder_identity(name, model)
+    ident = encoder_identity(name, model)
+    if commit:
+        ident["revision"] = commit
+    return fn, ident

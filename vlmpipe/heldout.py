@@ -16,24 +16,24 @@ def _first(n: int, limit: int) -> int:
     return n if limit <= 0 else min(n, limit)
 
 
-def evaluate_siglip(siglip_dir, cifar_root, df, limit: int = 0) -> dict:
+def evaluate_siglip(siglip_dir, cifar_root, df, limit: int = 0, device="cpu") -> dict:
     """Zero-shot accuracy and recall@1/5 both ways on held-out CIFAR, with chance levels."""
     from vlmpipe.data.cifar import load_split
-    from vlmpipe.models.siglip import image_texts, load_siglip, retrieval_metrics
+    from vlmpipe.models.siglip import image_texts, load_siglip, retrieval_captions, retrieval_metrics
 
-    model = load_siglip(siglip_dir)
+    model = load_siglip(siglip_dir, device)
     test = load_split(cifar_root, "test")
     n = _first(len(test), limit)
     texts = image_texts(df, "test", len(test), test.label_names)
-    # Retrieval over the images whose composed caption names class, colour and background,
-    # exactly as train_siglip reports it per epoch.
-    captions = [c if ok else None for c, ok in zip(texts.captions[:n], texts.complete[:n])]
+    # The same held-out captions train_siglip reports per epoch (and the same fallback for a CSV
+    # without colour or brightness questions).
+    captions = retrieval_captions(texts, test.labels)[:n]
     with torch.no_grad():
         return retrieval_metrics(model, test.images[:n], test.labels[:n], texts.prompts, captions)
 
 
 def evaluate_vqa(model_dir, embeddings_root, df, limit: int = 0, batch_size: int = 64,
-                 csv_path: str = "data/cifar_qa.csv"):
+                 csv_path: str = "data/cifar_qa.csv", device="cpu"):
     """Exact match on held-out questions, asked turn by turn with the true earlier turns as history.
 
     Uses the QA stage's own framing, embedding lookup and batched greedy answering, so the
@@ -44,7 +44,7 @@ def evaluate_vqa(model_dir, embeddings_root, df, limit: int = 0, batch_size: int
 
     from vlmpipe.models.phi_vlm import QADataset, frame_conversations, load_split_embeddings, load_vlm, predict_turns
 
-    model = load_vlm(model_dir, device="cpu")
+    model = load_vlm(model_dir, device=device)
     test = df[df["Split"] == "test"].sort_values("Dataset_Index")
     n = _first(len(test), limit)
     idx, convs, types = (x[:n] for x in frame_conversations(test, "test"))
@@ -70,7 +70,7 @@ def evaluate_vqa(model_dir, embeddings_root, df, limit: int = 0, batch_size: int
     return metrics, examples
 
 
-def evaluate_captioner(model_dir, embeddings_root, coco_root, limit: int = 0, meteor: bool = True):
+def evaluate_captioner(model_dir, embeddings_root, coco_root, limit: int = 0, meteor: bool = True, device="cpu"):
     """pycocoevalcap scores on the held-out (val) split + the constant-caption baseline.
 
     Returns (metrics, examples) where examples = [(image id, generated, references)].
@@ -79,7 +79,7 @@ def evaluate_captioner(model_dir, embeddings_root, coco_root, limit: int = 0, me
     from vlmpipe.data.coco import CocoCaptions
     from vlmpipe.models.captioner import generate, load_captioner
 
-    model = load_captioner(model_dir, device="cpu")
+    model = load_captioner(model_dir, device=device)
     cache = emb.load(embeddings_root, "coco", "val", expect_encoder=model.info.get("encoder") or None)
     val, train = CocoCaptions(coco_root, "val"), CocoCaptions(coco_root, "train")
     ids = [int(i) for i in cache.ids.tolist()][: _first(len(cache), limit)]

@@ -28,6 +28,16 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise UserError(f"{key}: {msg}")
 
 
+def _check_url(url: str, key: str) -> None:
+    _check(not url or url.startswith(("http://", "https://")), key, f"must be an http(s) URL, got {url!r}")
+
+
+def _check_revision(rev: str, key: str) -> None:
+    # A branch, tag or commit hash as the hub knows it; no spaces or path tricks.
+    _check(bool(rev) and not any(c.isspace() for c in rev) and ".." not in rev, key,
+           f"must be a branch, tag or commit hash (e.g. main), got {rev!r}")
+
+
 @dataclass
 class CocoParams:
     # "synthetic": the offline shapes world written in COCO 2017 format;
@@ -38,9 +48,19 @@ class CocoParams:
     synthetic_train_images: int = 2000
     synthetic_val_images: int = 250
     image_size: int = 64
+    # Where coco2017 comes from. ``url``: a mirror's base URL standing in for
+    # http://images.cocodataset.org (same paths below it); ``local_dir``: a folder already
+    # holding the three official archives, used in place and never modified; both empty: the
+    # official site. ``verify``: check the published size and md5 (false for a mirror or copy
+    # that serves other bytes, e.g. a re-packed archive).
+    url: str = ""
+    local_dir: str = ""
+    verify: bool = True
 
     def validate(self, key: str) -> None:
         _check(self.source in ("synthetic", "coco2017"), f"{key}.source", f"must be 'synthetic' or 'coco2017', got {self.source!r}")
+        _check(not (self.url and self.local_dir), f"{key}.local_dir", "set either url or local_dir, not both")
+        _check_url(self.url, f"{key}.url")
         _check(self.max_images >= 0, f"{key}.max_images", "must be >= 0")
         _check(self.synthetic_train_images > 0, f"{key}.synthetic_train_images", "must be > 0")
         _check(self.synthetic_val_images > 0, f"{key}.synthetic_val_images", "must be > 0")
@@ -54,9 +74,17 @@ class CifarParams:
     source: str = "synthetic"
     synthetic_train_per_class: int = 500
     synthetic_test_per_class: int = 100
+    # Where cifar10 comes from: ``url``, the full URL of a mirror's cifar-10-python.tar.gz;
+    # ``local_path``: a copy of that file on disk (used in place, never modified); both empty:
+    # the official site. ``verify``: check the published size and md5.
+    url: str = ""
+    local_path: str = ""
+    verify: bool = True
 
     def validate(self, key: str) -> None:
         _check(self.source in ("synthetic", "cifar10"), f"{key}.source", f"must be 'synthetic' or 'cifar10', got {self.source!r}")
+        _check(not (self.url and self.local_path), f"{key}.local_path", "set either url or local_path, not both")
+        _check_url(self.url, f"{key}.url")
         _check(self.synthetic_train_per_class > 0, f"{key}.synthetic_train_per_class", "must be > 0")
         _check(self.synthetic_test_per_class > 0, f"{key}.synthetic_test_per_class", "must be > 0")
 
@@ -86,6 +114,9 @@ class TrainParams:
     checkpoint_every: int = 50
     # "auto" picks CUDA when present, else CPU.
     device: str = "auto"
+    # Matmul precision: "auto" is bf16 autocast on CUDA (and bf16 4-bit compute for QLoRA),
+    # fp32 on a CPU; "bf16" or "fp32" force one (bf16 on a CPU rehearses the CUDA choice).
+    precision: str = "auto"
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
@@ -97,6 +128,7 @@ class TrainParams:
         _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
         _check(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0")
         _check(self.device in ("auto", "cpu", "cuda"), f"{key}.device", "must be 'auto', 'cpu' or 'cuda'")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"{key}.precision", "must be 'auto', 'fp32' or 'bf16'")
 
 
 @dataclass
@@ -112,6 +144,8 @@ class SiglipParams:
     # "small": a transformer text encoder trained jointly. Anything else is a
     # Hugging Face model id or path: frozen, masked mean-pooled, projected.
     text_encoder: str = "small"
+    # The hub revision of a hub text_encoder (a commit hash pins it; a branch follows it).
+    text_encoder_revision: str = "main"
     text_width: int = 128
     text_layers: int = 2
     text_max_tokens: int = 32
@@ -132,6 +166,7 @@ class SiglipParams:
         _check(self.text_max_tokens >= 4, f"{key}.text_max_tokens", "must be >= 4")
         _check(self.text_vocab_size >= 512, f"{key}.text_vocab_size", "must be >= 512 (a byte-level BPE needs room beyond its 256 byte symbols)")
         _check(self.logit_lr_mult > 0, f"{key}.logit_lr_mult", "must be > 0")
+        _check_revision(self.text_encoder_revision, f"{key}.text_encoder_revision")
 
 
 @dataclass
@@ -170,9 +205,13 @@ class TinyLMParams:
 class Phi2Params:
     # "tiny": build a small Phi configuration offline; else a hub id or a path.
     base_model: str = "tiny"
+    # Hub revision of base_model: a commit hash pins the exact weights (recorded in the saved model).
+    revision: str = "main"
     tiny: TinyLMParams = field(default_factory=TinyLMParams)
     load_in_4bit: bool = True
     prefix_tokens: int = 4
+    # Hidden width of the prefix projector's MLP; 0: min(K*H/2, 2*R*D) (see models/projector.py).
+    projector_hidden: int = 0
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -191,6 +230,8 @@ class Phi2Params:
 
     def validate(self, key: str) -> None:
         _check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")
+        _check(self.projector_hidden >= 0, f"{key}.projector_hidden", "must be >= 0 (0: sized from the LM)")
+        _check_revision(self.revision, f"{key}.revision")
         _check(self.lora_r >= 1, f"{key}.lora_r", "must be >= 1")
         _check(self.lora_alpha >= 1, f"{key}.lora_alpha", "must be >= 1")
         _check(0 <= self.lora_dropout < 1, f"{key}.lora_dropout", "must be in [0, 1)")
@@ -206,12 +247,18 @@ class CaptionerParams:
     # "siglip": the trained SigLIP image tower (offline default); else a CLIP
     # hub id or path such as "openai/clip-vit-base-patch16".
     vision_encoder: str = "siglip"
+    # Hub revision of a CLIP vision_encoder (a commit hash pins it).
+    vision_encoder_revision: str = "main"
     # Features per image: 1 (pooled whole image) or 5 (whole image + 4 quadrants).
     regions: int = 5
     # "tiny": build a small GPT-2 offline; else a hub id or path such as "gpt2".
     lm: str = "tiny"
+    # Hub revision of a hub lm (a commit hash pins it).
+    lm_revision: str = "main"
     tiny: TinyLMParams = field(default_factory=TinyLMParams)
     prefix_tokens: int = 10
+    # Hidden width of the prefix projector's MLP; 0: min(K*H/2, 2*R*D) (ClipCap's K*H/2 for small inputs).
+    projector_hidden: int = 0
     freeze_lm: bool = False
     max_caption_tokens: int = 40
     beam_size: int = 3
@@ -220,6 +267,9 @@ class CaptionerParams:
     def validate(self, key: str) -> None:
         _check(self.regions in (1, 5), f"{key}.regions", "must be 1 or 5")
         _check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")
+        _check(self.projector_hidden >= 0, f"{key}.projector_hidden", "must be >= 0 (0: sized from the LM)")
+        _check_revision(self.vision_encoder_revision, f"{key}.vision_encoder_revision")
+        _check_revision(self.lm_revision, f"{key}.lm_revision")
         _check(self.max_caption_tokens >= 4, f"{key}.max_caption_tokens", "must be >= 4")
         _check(self.beam_size >= 1, f"{key}.beam_size", "must be >= 1 (1 is greedy)")
 

@@ -8,15 +8,30 @@ import numpy as np
 import torch
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU. Asking for CUDA without one is an error."""
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` → CUDA when present, else CPU. Asking for CUDA without one is an error naming ``key``."""
     from vlmpipe.errors import UserError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
+        raise UserError(f"{key}: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
     return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The matmul dtype a ``precision`` param means on ``device``.
+
+    ``auto``: bf16 on a CUDA device that has it (autocast; no loss scaling needed, bf16 keeps
+    fp32's exponent range), fp32 on a CPU, where bf16 is slower on most CPUs and changes the
+    numerics the offline default was measured with. ``bf16`` / ``fp32`` force one; ``bf16`` on a
+    CPU rehearses the CUDA path (tests do this).
+    """
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp32":
+        return torch.float32
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def seed_everything(seed: int) -> None:

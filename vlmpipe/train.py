@@ -65,7 +65,7 @@ from tqdm import tqdm
 from vlmpipe.errors import UserError
 from vlmpipe.io import atomic_path, write_json
 from vlmpipe.params import TrainParams, flatten
-from vlmpipe.runtime import resolve_device
+from vlmpipe.runtime import resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ class FitResult:
 # --------------------------------------------------------------------- distributed
 
 
-def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+def setup_distributed(device_name: str = "auto", key: str = "device") -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Under torchrun, joins the process group (nccl on CUDA, gloo on CPU)."""
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, key)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         if device.type == "cuda":
@@ -386,8 +386,11 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    # bf16 autocast on CUDA (no GradScaler needed: bf16 has fp32's exponent range); plain fp32 on CPU.
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    # bf16 autocast where cfg.precision says so (auto: on CUDA; no GradScaler needed: bf16 has fp32's
+    # exponent range); plain fp32 otherwise.
+    amp_dtype = resolve_precision(cfg.precision, device)
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 \
+        else contextlib.nullcontext
     log_every = max(1, total // 200)  # MLflow gets <= ~200 train points; the CSV gets every step
     bar = tqdm(total=total, initial=start, desc=task.name, disable=not main, dynamic_ncols=True, mininterval=1.0)
     model.train()

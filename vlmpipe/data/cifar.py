@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from vlmpipe.download import default_download_dir, download, safe_extract
+from vlmpipe.download import default_download_dir, download, safe_extract, verify_file
 from vlmpipe.errors import UserError
 from vlmpipe.data import shapes
 
@@ -221,10 +221,19 @@ def write_synthetic(root: str | os.PathLike, train_per_class: int, test_per_clas
 
 
 def ingest_official(root: str | os.PathLike, download_dir: str | os.PathLike | None = None,
-                    url: str = URL, md5: str | None = MD5, size: int | None = SIZE) -> None:
-    """Download the official tarball (md5-verified) and extract it safely into ``root``."""
-    download_dir = Path(download_dir) if download_dir else default_download_dir()
-    tarball = download(url, download_dir / "cifar-10-python.tar.gz", md5=md5, size=size)
+                    url: str = URL, md5: str | None = MD5, size: int | None = SIZE, *,
+                    local_path: str | os.PathLike = "", key: str = "cifar.source") -> None:
+    """Extract the official tarball safely into ``root``: the user's copy at ``local_path`` (checked in
+    place, never modified), or a download of ``url`` (cached, resumable, md5-verified)."""
+    if local_path:
+        tarball = verify_file(local_path, size=size, md5=md5,
+                              hint="set cifar.verify: false if this copy is meant to differ from the published one"
+                              if md5 else "")
+    else:
+        download_dir = Path(download_dir) if download_dir else default_download_dir()
+        tarball = download(url, download_dir / "cifar-10-python.tar.gz", md5=md5, size=size, key=key,
+                           hint=f"put cifar-10-python.tar.gz in {download_dir}, set cifar.local_path to a copy "
+                                "of it, or cifar.url to a mirror")
     safe_extract(tarball, root)
     missing = [f for f in (*TRAIN_BATCHES, TEST_BATCH, META) if not (Path(root) / BATCH_DIR / f).exists()]
     if missing:
@@ -236,7 +245,9 @@ def build(params, seed: int, root: str | os.PathLike, download_dir: str | os.Pat
     if params.source == "synthetic":
         write_synthetic(root, params.synthetic_train_per_class, params.synthetic_test_per_class, seed)
     else:
-        ingest_official(root, download_dir)
+        ingest_official(root, download_dir, params.url or URL, MD5 if params.verify else None,
+                        SIZE if params.verify else None, local_path=params.local_path,
+                        key="cifar.url" if params.url else "cifar.source")
     for split in SPLITS:
         s = load_split(root, split)
         log.info("cifar %s: %d images, %d classes", split, len(s), len(s.label_names))

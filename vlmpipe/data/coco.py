@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlmpipe.data import shapes
-from vlmpipe.download import default_download_dir, download, open_zip
+from vlmpipe.download import default_download_dir, download, open_zip, verify_file
 from vlmpipe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,30 @@ def download_official(download_dir: str | os.PathLike | None = None, base_url: s
     for name, (url, size, md5) in OFFICIAL.items():
         if base_url:
             url = base_url.rstrip("/") + url.split("cocodataset.org", 1)[1]
-        download(url, ddir / name, size=size if verify else None, md5=md5 if verify else None)
+        download(url, ddir / name, size=size if verify else None, md5=md5 if verify else None,
+                 key="coco.url" if base_url else "coco.source",
+                 hint=f"put {name} in {ddir}, set coco.local_dir to a folder holding the three archives, "
+                      "or coco.url to a mirror" + ("" if not verify else " (coco.verify: false if its bytes differ)"))
     return ddir
+
+
+def local_source(local_dir: str | os.PathLike, verify: bool = True) -> Path:
+    """A folder the user filled with the three official archives: checked in place, never modified."""
+    d = Path(local_dir)
+    if not d.is_dir():
+        raise UserError(f"coco.local_dir: {d} is not a folder (it should hold {', '.join(OFFICIAL)})")
+    for name, (_, size, md5) in OFFICIAL.items():
+        verify_file(d / name, size=size if verify else None, md5=md5 if verify else None,
+                    hint="set coco.verify: false if this copy is meant to differ from the published archive"
+                    if verify else "coco.local_dir must hold the three official archives")
+    return d
+
+
+def source_folder(params, download_dir: str | os.PathLike | None = None) -> Path:
+    """Where the official archives of ``params`` (``CocoParams``) are: the user's copy or the download cache."""
+    if params.local_dir:
+        return local_source(params.local_dir, params.verify)
+    return download_official(download_dir, params.url or None, params.verify)
 
 
 # --- ingest -----------------------------------------------------------------------
@@ -178,11 +200,15 @@ def _copy_images(src_zip: Path, dst_zip: Path, members: list[str]) -> None:
         if missing:
             raise UserError(f"{src_zip}: missing member {missing[0]} ({len(missing)} images of the caption file are not in the archive)")
         if files == set(members):
-            # Everything is kept: reuse the archive as is. A hard link costs
-            # nothing; across filesystems fall back to a copy.
+            # Everything is kept: reuse the archive as is. A hard link costs nothing, and with the
+            # repository's DVC cache type (reflink,hardlink,copy) the cache links the same inode,
+            # so download folder, workspace and cache hold one copy. Across filesystems: a copy.
             try:
                 os.link(src_zip, dst_zip)
-            except OSError:
+            except OSError as e:
+                log.warning("%s: cannot hard-link it into %s (%s); copying %.1f GB instead. Put the download "
+                            "folder (VLMPIPE_DOWNLOAD_DIR) on the repository's filesystem to keep one copy",
+                            src_zip, dst_zip.parent, e.strerror or e, src_zip.stat().st_size / 1e9)
                 shutil.copyfile(src_zip, dst_zip)
             return
         with zipfile.ZipFile(dst_zip, "w", allowZip64=True) as zout:
@@ -232,7 +258,7 @@ def build(params, seed: int, out: str | os.PathLike, download_dir: str | os.Path
         with tempfile.TemporaryDirectory(prefix=".coco-src.", dir=out.parent) as tmp:
             write_synthetic_source(tmp, params.synthetic_train_images, params.synthetic_val_images, params.image_size, seed)
             return ingest(tmp, out, params.max_images, seed)
-    return ingest(download_official(download_dir), out, params.max_images, seed)
+    return ingest(source_folder(params, download_dir), out, params.max_images, seed)
 
 
 # --- reader -----------------------------------------------------------------------

@@ -362,41 +362,33 @@ def generate(model: Captioner, feats: torch.Tensor, beam_size: int | None = None
 # --- building and loading -------------------------------------------------------------
 
 
-def _load_model(source: str | os.PathLike) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def load_lm(source: str | os.PathLike, revision: str = "main", key: str = "captioner.lm"):
+    """GPT-2 and its tokenizer via ``from_pretrained`` (a hub id at ``revision``, or a directory)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
-    except OSError as e:
-        raise UserError(f"{source}: cannot load the language model ({str(e).splitlines()[0][:200]})") from None
+    from vlmpipe import hub
 
-
-def _load_tokenizer(source: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except OSError as e:
-        raise UserError(f"{source}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
-
-
-def load_lm(source: str | os.PathLike):
-    """GPT-2 and its tokenizer via ``from_pretrained`` (a hub id or a directory)."""
-    return _load_model(source), _load_tokenizer(source)
+    lm = hub.load(AutoModelForCausalLM, source, revision, key, dtype=torch.float32)
+    return lm, hub.load(AutoTokenizer, source, hub.commit_of(lm) or revision, key)
 
 
 def build_captioner(lm_source: str | os.PathLike, *, encoder: Mapping[str, Any], feature_dim: int,
                     regions: int, prefix_tokens: int, freeze_lm: bool, beam_size: int,
-                    max_caption_tokens: int, seed: int = 0) -> Captioner:
-    """A fresh captioner: the LM from ``lm_source`` and a new projector (seeded)."""
-    lm, tok = load_lm(lm_source)
+                    max_caption_tokens: int, seed: int = 0, lm_revision: str = "main",
+                    projector_hidden: int = 0) -> Captioner:
+    """A fresh captioner: the LM from ``lm_source`` (at ``lm_revision`` on the hub) and a new projector (seeded)."""
+    from vlmpipe import hub
+
+    lm, tok = load_lm(lm_source, lm_revision)
     hidden = int(lm.get_input_embeddings().weight.shape[1])
     with torch.random.fork_rng():  # seeded init that leaves the caller's RNG stream alone
         torch.manual_seed(seed)
-        projector = PrefixProjector(feature_dim, regions, prefix_tokens, hidden)
+        projector = PrefixProjector(feature_dim, regions, prefix_tokens, hidden, projector_hidden or None)
     info = dict(encoder=dict(encoder), feature_dim=int(feature_dim), regions=int(regions),
                 prefix_tokens=int(prefix_tokens), freeze_lm=bool(freeze_lm), beam_size=int(beam_size),
                 max_caption_tokens=int(max_caption_tokens), lm_source=str(lm_source),
+                # The hub commit the LM started from (None for a folder): a frozen hub LM is loaded at it again.
+                lm_revision=None if hub.is_local(lm_source) else (hub.commit_of(lm) or lm_revision),
                 length_penalty=LENGTH_PENALTY)
     return Captioner(lm, tok, projector, info)
 
@@ -412,9 +404,17 @@ def load_captioner(directory: str | os.PathLike = "models/captioner", device: st
     info = read_json(cfg)
     if info.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{cfg}: unsupported captioner format {info.get('format_version')!r}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlmpipe import hub
+
     weights = info.get("lm_weights", LM_DIR)
-    lm = _load_model(d / LM_DIR if weights == LM_DIR else weights)
-    tok = _load_tokenizer(d / LM_DIR)
+    key = f"{cfg} lm_weights"
+    if weights == LM_DIR:
+        lm = hub.load(AutoModelForCausalLM, d / LM_DIR, "main", key, dtype=torch.float32)
+    else:  # a frozen hub LM, at the commit it was trained with
+        lm = hub.load(AutoModelForCausalLM, weights, info.get("lm_revision") or "main", key, dtype=torch.float32)
+    tok = hub.load(AutoTokenizer, d / LM_DIR, "main", key)
     model = Captioner(lm, tok, PrefixProjector.load(d), info)
     model.info["model_dir"] = str(d)
     dev = resolve_device(device) if isinstance(device, str) else device
@@ -505,6 +505,10 @@ def train_captioner(cp, *, seed: int, coco_root: str | os.PathLike, embeddings_r
     val_feats, val_caps, _ = load_split(coco_root, embeddings_root, "val", encoder, cp.regions)
     if cp.vision_encoder == "siglip":  # where to find the tower again, relative to the saved model
         encoder["path"] = os.path.relpath(Path(siglip_dir).resolve(), Path(out_dir).resolve())
+    from vlmpipe import hub
+
+    if cp.lm != "tiny":
+        hub.warn_unpinned(cp.lm, cp.lm_revision, "captioner.lm_revision")
     with tempfile.TemporaryDirectory(prefix="vlmpipe-tiny-gpt2-") as tmp:
         lm_source = cp.lm
         if cp.lm == "tiny":
@@ -513,7 +517,8 @@ def train_captioner(cp, *, seed: int, coco_root: str | os.PathLike, embeddings_r
                                       Path(tmp) / "tiny_gpt2", seed)
         model = build_captioner(lm_source, encoder=encoder, feature_dim=int(train_feats.shape[-1]),
                                 regions=cp.regions, prefix_tokens=cp.prefix_tokens, freeze_lm=cp.freeze_lm,
-                                beam_size=cp.beam_size, max_caption_tokens=cp.max_caption_tokens, seed=seed)
+                                beam_size=cp.beam_size, max_caption_tokens=cp.max_caption_tokens, seed=seed,
+                                lm_revision=cp.lm_revision, projector_hidden=cp.projector_hidden)
     model.info["lm_source"] = cp.lm  # "tiny" (weights saved with the model) or the hub id / path
     train = model.dataset(train_feats, train_caps)
     val = model.dataset(val_feats, val_caps)
@@ -579,7 +584,8 @@ def image_encoder(model: Captioner):
         tower = load_siglip(sdir, model.device)
         fn, ident = embeddings.siglip_encoder(tower, regions), embeddings.encoder_identity("siglip", tower.image_tower)
     else:
-        fn, ident = embeddings.clip_encoder(enc["name"], regions, model.device)
+        fn, ident = embeddings.clip_encoder(enc["name"], regions, model.device, enc.get("revision") or "main",
+                                            key=f"{model.info.get('model_dir')} encoder")
     if enc.get("hash") and ident["hash"] != enc["hash"]:
         raise UserError(f"{model.info.get('model_dir')}: its encoder {enc['name']} now has weights {ident['hash']}, "
                         f"but the captioner was trained on features of {enc['hash']} (retrain: `dvc repro`)")

@@ -3,8 +3,10 @@
 Backbones:
 
 - ``resnet50`` / ``resnet18``: torchvision's, with ImageNet weights when
-  ``pretrained`` (read from the torch hub cache only: this module never
-  downloads; a missing file is a ``UserError`` that says how to fetch it).
+  ``pretrained`` — pinned (``IMAGENET_WEIGHTS``, not torchvision's moving
+  ``DEFAULT``), fetched once into the torch hub cache (``$TORCH_HOME``) by the
+  project's download helper (resumable, checked against the hash prefix in the
+  file name, as torch.hub does), then loaded from there by torchvision.
 - ``resnet_small``: a reduced-width ResNet (torchvision ``BasicBlock``s, widths
   16/32/64/128, two blocks per stage, ~0.8M parameters) for 32x32 images on a
   CPU. Its stem is one stride-2 3x3 convolution (no max-pool): 32 px -> 16 px
@@ -19,6 +21,7 @@ projection starts from spread-out embeddings.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -61,19 +64,47 @@ class SmallResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
+# The ImageNet weights each backbone starts from: a fixed entry, so a torchvision upgrade that
+# moves DEFAULT cannot change what a preset trains from.
+IMAGENET_WEIGHTS = {"resnet18": tv_resnet.ResNet18_Weights.IMAGENET1K_V1,
+                    "resnet50": tv_resnet.ResNet50_Weights.IMAGENET1K_V2}
+
+
+def weights_file(backbone: str) -> Path:
+    """Where torchvision looks for (and caches) the backbone's ImageNet weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS[backbone].url).name
+
+
+def fetch_weights(backbone: str) -> Path:
+    """The ImageNet weights file of ``backbone`` in the torch hub cache, downloaded when absent."""
+    from vlmpipe.download import download, file_digest
+
+    w = IMAGENET_WEIGHTS[backbone]
+    dest = weights_file(backbone)
+    if dest.is_file():
+        return dest
+    download(w.url, dest, key="siglip.pretrained",
+             hint=f"put {dest.name} in {dest.parent} (or set TORCH_HOME), or set siglip.pretrained: false")
+    # torch.hub's convention: the name ends in -<first hex digits of the file's sha256>.
+    prefix = re.search(r"-([0-9a-f]{6,})\.", dest.name)
+    if prefix and not file_digest(dest, "sha256").startswith(prefix.group(1)):
+        dest.unlink()
+        raise UserError(f"siglip.pretrained: {w.url} does not match the sha256 prefix {prefix.group(1)} "
+                        "in its name (deleted the download)")
+    return dest
+
+
 def _torchvision_trunk(backbone: str, pretrained: bool) -> tuple[nn.Module, int]:
     builder = {"resnet18": tv_resnet.resnet18, "resnet50": tv_resnet.resnet50}[backbone]
     weights = None
     if pretrained:
-        enum = {"resnet18": tv_resnet.ResNet18_Weights, "resnet50": tv_resnet.ResNet50_Weights}[backbone]
-        weights = enum.DEFAULT
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        if not cached.exists():
-            raise UserError(
-                f"siglip.pretrained: ImageNet weights for {backbone} are not in the torch cache ({cached}); "
-                f"fetch them once with `python -c \"import torchvision; torchvision.models.{backbone}"
-                f"(weights='DEFAULT')\"` or set siglip.pretrained: false")
-    trunk = builder(weights=weights)
+        fetch_weights(backbone)  # torchvision then reads the cached file, without the network
+        weights = IMAGENET_WEIGHTS[backbone]
+    try:
+        trunk = builder(weights=weights)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # a damaged cached file
+        raise UserError(f"{weights_file(backbone)}: unreadable ImageNet weights ({str(e).splitlines()[0][:200]}); "
+                        "delete it to download it again") from None
     feat = trunk.fc.in_features
     trunk.fc = nn.Identity()
     return trunk, feat

@@ -189,10 +189,13 @@ def check_attn_implementation(name: str, device: torch.device) -> str:
     return name
 
 
-def load_base(base: str | os.PathLike, load_in_4bit: bool, attn_implementation: str,
-              device: torch.device):
-    """``from_pretrained`` the base LM: 4-bit NF4 + double quantization, or full precision."""
+def load_base(base: str | os.PathLike, load_in_4bit: bool, attn_implementation: str, device: torch.device, *,
+              revision: str = "main", compute_dtype: torch.dtype = torch.float32, key: str = "phi2.base_model"):
+    """``from_pretrained`` the base LM (a hub id at ``revision``, or a folder): 4-bit NF4 + double
+    quantization computing in ``compute_dtype`` (bf16 on CUDA), or full precision."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from vlmpipe import hub
 
     check_attn_implementation(attn_implementation, device)
     kwargs: dict[str, Any] = dict(attn_implementation=attn_implementation, dtype=torch.float32)
@@ -201,27 +204,50 @@ def load_base(base: str | os.PathLike, load_in_4bit: bool, attn_implementation: 
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            # bf16 matmuls on GPUs; CPUs have no fast bf16 path here, so fp32.
-            bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            bnb_4bit_compute_dtype=compute_dtype,
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    try:
-        with warnings.catch_warnings():  # transformers 5 deprecation noise from peft/bnb helpers
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-            model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"phi2.base_model: cannot load {base} ({str(e).splitlines()[0][:200]})") from None
+    with warnings.catch_warnings():  # transformers 5 deprecation noise from peft/bnb helpers
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+        model = hub.load(AutoModelForCausalLM, base, revision, key, **kwargs)
     if not load_in_4bit:
         model.to(device)
     return model
 
 
-def load_tokenizer(path: str | os.PathLike):
+def keep_4bit_trainable(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on its training path; return how many there are.
+
+    bitsandbytes 0.50.2, on a CPU with AVX512-BF16, repacks a ``Linear4bit`` weight into a CPU
+    inference layout on its first eval-mode forward without gradients (the per-epoch evaluation
+    is one) and never packs it back; the next training step then takes the inference kernel,
+    whose in-place bias add fails under autograd ("a view of a leaf Variable that requires grad
+    is being used in an in-place operation"). A CPU without the feature never repacks, so the
+    failure depends on the machine. A model built to train switches the repacking off, and
+    undoes it if it already happened; a model loaded only to answer keeps it.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            state = m.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, state)
+            n += 1
+    return n
+
+
+def load_tokenizer(path: str | os.PathLike, revision: str = "main", key: str = "phi2.base_model"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    from vlmpipe import hub
+
+    tok = hub.load(AutoTokenizer, path, revision, key)
     if tok.eos_token_id is None:
-        raise UserError(f"{path}: the tokenizer has no EOS token")
+        raise UserError(f"{key}: the tokenizer of {path} has no EOS token")
     if tok.pad_token_id is None:  # Phi-2's tokenizer has none; padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok
@@ -387,6 +413,12 @@ class PhiVLM(nn.Module):
         write_json(d / CONFIG_NAME, info)
 
 
+def trainable_counts(model: PhiVLM) -> dict[str, int]:
+    """Trainable parameters of the LoRA adapters and of the projector."""
+    lm = sum(q.numel() for q in model.lm.parameters() if q.requires_grad)
+    return {"lora_params": lm, "projector_params": sum(q.numel() for q in model.projector.parameters())}
+
+
 def _lora_config(p) -> Any:
     from peft import LoraConfig
 
@@ -407,8 +439,15 @@ def build_vlm(p, base: str | os.PathLike, device: torch.device | str = "cpu", *,
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from vlmpipe import hub
+    from vlmpipe.runtime import resolve_precision
+
     device = torch.device(device)
-    lm = load_base(base, p.load_in_4bit, p.attn_implementation, device)
+    revision = "main" if p.base_model == "tiny" else p.revision
+    if p.base_model != "tiny":
+        hub.warn_unpinned(p.base_model, revision, "phi2.revision")
+    lm = load_base(base, p.load_in_4bit, p.attn_implementation, device, revision=revision,
+                   compute_dtype=resolve_precision(p.train.precision, device))
     max_pos = getattr(lm.config, "max_position_embeddings", None)
     if max_pos and p.prefix_tokens + p.max_seq_len + p.max_new_tokens > max_pos:
         raise UserError(f"phi2.max_seq_len: prefix_tokens + max_seq_len + max_new_tokens "
@@ -427,13 +466,18 @@ def build_vlm(p, base: str | os.PathLike, device: torch.device | str = "cpu", *,
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         torch.manual_seed(seed)
         lm = get_peft_model(lm, _lora_config(p))
-    tokenizer = load_tokenizer(base)
+    if p.load_in_4bit:
+        keep_4bit_trainable(lm)
+    commit = hub.commit_of(lm)
+    tokenizer = load_tokenizer(base, commit or revision)
     hidden = lm.get_input_embeddings().weight.shape[1]
-    projector = PrefixProjector(embed_dim, regions, p.prefix_tokens, hidden).to(device)
+    projector = PrefixProjector(embed_dim, regions, p.prefix_tokens, hidden, p.projector_hidden or None).to(device)
     base_in_dir = p.base_model == "tiny"
     info = {
         "format": FORMAT,
         "base_model": "base" if base_in_dir else str(p.base_model),
+        # The exact hub commit the adapter was trained on; load_vlm loads that one again.
+        "base_revision": None if base_in_dir or hub.is_local(p.base_model) else (commit or revision),
         "base_in_dir": base_in_dir,
         "base_path": str(base),
         "load_in_4bit": p.load_in_4bit,
@@ -456,7 +500,8 @@ def load_vlm(directory: str | os.PathLike = "models/phi2_vlm", device: str | tor
     """Load a saved QA model in one call: base (4-bit as trained) + adapter + projector, in eval mode."""
     from peft import PeftModel
 
-    from vlmpipe.runtime import resolve_device
+    from vlmpipe import hub
+    from vlmpipe.runtime import resolve_device, resolve_precision
 
     d = Path(directory)
     cfg_path = d / CONFIG_NAME
@@ -467,12 +512,19 @@ def load_vlm(directory: str | os.PathLike = "models/phi2_vlm", device: str | tor
         raise UserError(f"{cfg_path}: unsupported format {info.get('format')!r} (expected {FORMAT})")
     dev = resolve_device(device) if isinstance(device, str) else device
     base = d / info["base_model"] if info.get("base_in_dir") else info["base_model"]
-    lm = load_base(base, info["load_in_4bit"], info["attn_implementation"], dev)
+    # A hub base is loaded at the very commit the adapter was trained on, never whatever the hub serves today.
+    revision = info.get("base_revision") or "main"
+    key = f"{cfg_path} base_model"
+    lm = load_base(base, info["load_in_4bit"], info["attn_implementation"], dev, revision=revision,
+                   compute_dtype=resolve_precision("auto", dev), key=key)
+    got = hub.commit_of(lm)
+    if info.get("base_revision") and got and got != info["base_revision"]:
+        raise UserError(f"{key}: loaded {base}@{got}, but the adapter was trained on {info['base_revision']}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
         lm = PeftModel.from_pretrained(lm, str(d / "adapter"), is_trainable=False)
     projector = PrefixProjector.load(d).to(dev)
-    tokenizer = load_tokenizer(d / "tokenizer")
+    tokenizer = load_tokenizer(d / "tokenizer", key=key)
     info["model_dir"] = str(d)
     info["base_path"] = str(base)  # so that a loaded model can be saved again, self-contained
     model = PhiVLM(lm, projector, tokenizer, info)
@@ -663,7 +715,7 @@ def train_phi_vlm(p, *, seed: int, csv_path: str | os.PathLike, cifar_root: str 
     encoder = siglip_identity(siglip_dir)
     tr_emb = load_split_embeddings(embeddings_root, "train", tr_idx, csv_path, encoder)
     te_emb = load_split_embeddings(embeddings_root, "test", te_idx, csv_path, encoder)
-    device = resolve_device(p.train.device)
+    device = resolve_device(p.train.device, "phi2.train.device")
     rel_siglip = os.path.relpath(Path(siglip_dir).resolve(), Path(out_dir).resolve())
 
     with tempfile.TemporaryDirectory(prefix="vlmpipe-tiny-phi-") as tmp:
@@ -676,9 +728,10 @@ def train_phi_vlm(p, *, seed: int, csv_path: str | os.PathLike, cifar_root: str 
         train = QADataset(model.tokenizer, tr_emb, tr_convs, p.max_seq_len)
         val = QADataset(model.tokenizer, te_emb, te_convs, p.max_seq_len)
         questions = eval_questions(val, p.eval_questions, seed)
-        n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
-        log.info("phi2_vlm: %d train / %d held-out conversations, %d Q/A turns; %.2fM trainable parameters "
-                 "(LoRA + projector), base %s in %s", len(train), len(val), sum(map(len, tr_convs)), n_train / 1e6,
+        counts = trainable_counts(model)
+        log.info("phi2_vlm: %d train / %d held-out conversations, %d Q/A turns; trainable: %.2fM LoRA + %.2fM "
+                 "projector, base %s in %s", len(train), len(val), sum(map(len, tr_convs)), counts["lora_params"] / 1e6,
+                 counts["projector_params"] / 1e6,
                  p.base_model, "4-bit NF4" if p.load_in_4bit else "full precision")
 
         def evaluate(m: PhiVLM, epoch: int) -> dict[str, float]:
@@ -695,7 +748,7 @@ def train_phi_vlm(p, *, seed: int, csv_path: str | os.PathLike, cifar_root: str 
             model.save(out)
 
     # Final held-out scores next to the blind baseline, on the same questions.
-    metrics: dict[str, Any] = dict(res.metrics)
+    metrics: dict[str, Any] = {**res.metrics, **counts}
     blind = BlindBaseline((q, a, t) for c, ts in zip(tr_convs, tr_types) for (q, a), t in zip(c, ts))
     truth = [(te_convs[i][j][0], te_convs[i][j][1], te_types[i][j]) for i, j in questions]
     if questions:

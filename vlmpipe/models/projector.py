@@ -5,6 +5,14 @@ or the whole image plus four quadrants). They are flattened to [B, R*D] and
 mapped by a two-layer MLP to [B, K, H], H being the LM's hidden size, as in
 ClipCap's MLP mapping network. The projector is trained in full (never through
 LoRA) and saved on its own, next to the LM or adapter it feeds.
+
+The hidden width: ClipCap uses K*H/2, which grows with the square of the LM
+width — for Phi-2 (H 2560, K 8) that is 216M trainable parameters, 18x the
+LoRA adapters it sits beside, and it defeats the point of QLoRA. The input
+carries only R*D numbers, so a hidden layer much wider than that adds
+parameters, not information: ``default_hidden`` caps it at 2*R*D. For Phi-2
+that gives 1024 and 21.5M parameters; for the small LMs of the offline
+default the cap does not bind and the width stays ClipCap's K*H/2.
 """
 from __future__ import annotations
 
@@ -18,12 +26,17 @@ from torch import nn
 from vlmpipe.errors import UserError
 
 
+def default_hidden(in_dim: int, regions: int, prefix_tokens: int, hidden_size: int) -> int:
+    """ClipCap's K*H/2, capped at 2*R*D (twice the numbers the input carries)."""
+    return min((prefix_tokens * hidden_size) // 2, 2 * in_dim * regions)
+
+
 class PrefixProjector(nn.Module):
     def __init__(self, in_dim: int, regions: int, prefix_tokens: int, hidden_size: int,
                  mlp_hidden: int | None = None) -> None:
         super().__init__()
-        self.config = dict(in_dim=in_dim, regions=regions, prefix_tokens=prefix_tokens,
-                           hidden_size=hidden_size, mlp_hidden=mlp_hidden or (prefix_tokens * hidden_size) // 2)
+        self.config = dict(in_dim=in_dim, regions=regions, prefix_tokens=prefix_tokens, hidden_size=hidden_size,
+                           mlp_hidden=mlp_hidden or default_hidden(in_dim, regions, prefix_tokens, hidden_size))
         self.prefix_tokens, self.hidden_size = prefix_tokens, hidden_size
         flat = in_dim * regions
         mid = self.config["mlp_hidden"]

@@ -45,7 +45,8 @@ class SigLIP(nn.Module):
         c = self.config
         self.image_tower = ImageTower(c["backbone"], c["embed_dim"], pretrained=pretrained)
         self.text_tower = TextTower(c["text_encoder"], c["embed_dim"], vocab_size=len(tokenizer),
-                                    width=c["text_width"], layers=c["text_layers"], max_tokens=c["text_max_tokens"])
+                                    width=c["text_width"], layers=c["text_layers"], max_tokens=c["text_max_tokens"],
+                                    revision=c.get("text_encoder_revision") or "main")
         self.loss_fn = SigmoidLoss(init_temperature=10.0, init_bias=-10.0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -138,12 +139,22 @@ def build_siglip(p, train_texts: Sequence[str]) -> SigLIP:
     else:
         from transformers import AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(p.text_encoder)
-        except (OSError, ValueError) as e:
-            raise UserError(f"siglip.text_encoder: cannot load the tokenizer of {p.text_encoder!r} "
-                            f"({str(e).splitlines()[0][:200]})") from None
-    return SigLIP(config, tokenizer, pretrained=p.pretrained)
+        from vlmpipe import hub
+
+        hub.warn_unpinned(p.text_encoder, p.text_encoder_revision, "siglip.text_encoder_revision")
+        tokenizer = hub.load(AutoTokenizer, p.text_encoder, p.text_encoder_revision, "siglip.text_encoder")
+        config["text_encoder_revision"] = p.text_encoder_revision
+    if p.pretrained:
+        from vlmpipe.models.image_tower import IMAGENET_WEIGHTS
+
+        config["image_init"] = str(IMAGENET_WEIGHTS[p.backbone])  # e.g. ResNet50_Weights.IMAGENET1K_V2
+    model = SigLIP(config, tokenizer, pretrained=p.pretrained)
+    if p.text_encoder != "small":
+        from vlmpipe import hub
+
+        # The commit the frozen encoder came from: load_siglip loads that very one again.
+        model.config["text_encoder_revision"] = hub.commit_of(model.text_tower.encoder.model) or p.text_encoder_revision
+    return model
 
 
 def load_siglip(path: str | Path, device: str | torch.device = "cpu") -> SigLIP:
@@ -201,6 +212,20 @@ def image_texts(df, split: str, n_images: int, label_names: list[str]) -> SplitT
         out.complete[i] = bool(colour) and bg in ("light", "dark")
         out.qa_texts[i] += [f"{d[q]} {d[a]}" for q, a in zip(Q_COLS, A_COLS) if d[q]]
     return out
+
+
+def retrieval_captions(texts: SplitTexts, labels: Sequence[int]) -> list:
+    """The held-out captions retrieval runs over, one per image (None: left out).
+
+    The composed captions that name class, colour and background; a caption missing one of them
+    is also true of other images and would count as a wrong answer. A user's CSV without colour
+    and brightness questions leaves fewer than two such captions: then every image takes its
+    class prompt, so retrieval (and its keys in the metrics) is still there, only easier.
+    """
+    captions = [c if ok else None for c, ok in zip(texts.captions, texts.complete)]
+    if sum(map(bool, captions)) < 2:
+        captions = [c or texts.prompts[int(lab)] for c, lab in zip(texts.captions, labels)]
+    return captions
 
 
 class ImageTextPairs(torch.utils.data.Dataset):

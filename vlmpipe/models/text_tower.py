@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmpipe.errors import UserError
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,15 +49,13 @@ class SmallTextEncoder(nn.Module):
 class HFTextEncoder(nn.Module):
     """A frozen Hugging Face encoder; gradients never flow into it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, revision: str = "main") -> None:
         super().__init__()
         from transformers import AutoModel
 
-        try:
-            self.model = AutoModel.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            raise UserError(f"siglip.text_encoder: cannot load Hugging Face model {name!r} "
-                            f"({str(e).splitlines()[0][:200]})") from None
+        from vlmpipe import hub
+
+        self.model = hub.load(AutoModel, name, revision, "siglip.text_encoder")
         self.model.requires_grad_(False)
         self.model.eval()
         self.out_features = int(self.model.config.hidden_size)
@@ -78,12 +75,12 @@ class TextTower(nn.Module):
     """Token ids + attention mask -> L2-normalised embeddings [B, embed_dim]."""
 
     def __init__(self, encoder: str, embed_dim: int, *, vocab_size: int = 0, width: int = 128,
-                 layers: int = 2, max_tokens: int = 32) -> None:
+                 layers: int = 2, max_tokens: int = 32, revision: str = "main") -> None:
         super().__init__()
         if encoder == "small":
             self.encoder: nn.Module = SmallTextEncoder(vocab_size, width, layers, max_tokens)
         else:
-            self.encoder = HFTextEncoder(encoder)
+            self.encoder = HFTextEncoder(encoder, revision)
         feat = self.encoder.out_features
         self.norm = nn.BatchNorm1d(feat)  # see image_tower.py: the sigmoid loss stalls without it
         self.proj = nn.Linear(feat, embed_dim)
