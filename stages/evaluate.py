@@ -73,7 +73,8 @@ def main() -> None:
                             "captioner": REPORTS / "captioner"}, plots)
         report.plot_baselines([
             ("SigLIP zero-shot", sig["zero_shot_acc"], sig["zero_shot_chance"]),
-            ("SigLIP i2t R@1", sig["i2t_r1"], sig["r1_chance"]),
+            # (no retrieval over fewer than two held-out images: evaluate.max_images 1)
+            *([("SigLIP i2t R@1", sig["i2t_r1"], sig["r1_chance"])] if "i2t_r1" in sig else []),
             ("VQA accuracy", vqa["accuracy"], vqa["blind_baseline"]),
             ("CIDEr", cap["cider"], cap["baseline_cider"]),
             ("BLEU-4", cap["bleu4"], cap["baseline_bleu4"]),

@@ -203,6 +203,26 @@ def test_cifar_official_ingest_from_loopback(tmp_path, tiny_cifar, file_server):
     assert [s for _, _, s in file_server.log] == [200, 206]
 
 
+def test_cifar_from_params_mirror_local_copy_and_their_mistakes(tmp_path, tiny_cifar, file_server):
+    from vlmpipe.params import CifarParams
+
+    tarball = tmp_path / "mine" / "cifar-10-python.tar.gz"
+    tarball.parent.mkdir()
+    with tarfile.open(tarball, "w:gz") as tf:
+        tf.add(tiny_cifar / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    data = tarball.read_bytes()
+    file_server.files["/m/cifar-10-python.tar.gz"] = data
+    url = file_server.url("/m/cifar-10-python.tar.gz")
+    cifar.build(CifarParams(source="cifar10", url=url, verify=False), 0, tmp_path / "a", download_dir=tmp_path / "dl")
+    cifar.build(CifarParams(source="cifar10", local_path=str(tarball), verify=False), 0, tmp_path / "b")
+    assert len(file_server.log) == 1 and tarball.read_bytes() == data
+    with pytest.raises(UserError, match=r"^cifar\.url: .*size mismatch \(expected 170498071 bytes"):
+        cifar.build(CifarParams(source="cifar10", url=url), 0, tmp_path / "c", download_dir=tmp_path / "dl2")
+    with pytest.raises(UserError, match=re.escape(str(tarball)) + r": size mismatch .*cifar\.verify: false"):
+        cifar.build(CifarParams(source="cifar10", local_path=str(tarball)), 0, tmp_path / "d")
+    assert tarball.read_bytes() == data  # the user's file is never deleted
+
+
 # --- COCO ------------------------------------------------------------------------
 
 
@@ -303,6 +323,50 @@ def test_coco_official_download_and_ingest_from_loopback(tmp_path, file_server):
     assert counts == {"train": 3, "val": 3}
     ds = coco.CocoCaptions(out, "train")
     assert len(ds) == 3 and ds.image(ds.ids[0]).size == (64, 64)
+
+
+def _served_coco(file_server, tmp_path):
+    src = tmp_path / "src"
+    coco.write_synthetic_source(src, 4, 2, 64, seed=3)
+    for name, (url, _, _) in coco.OFFICIAL.items():
+        file_server.files["/mirror" + url.split("cocodataset.org", 1)[1]] = (src / name).read_bytes()
+    return src
+
+
+def test_coco_from_params_mirror_local_copy_and_their_mistakes(tmp_path, file_server):
+    """coco.url, coco.local_dir and coco.verify as a user sets them; every mistake is one line that
+    names the param, and no file of the user's is touched."""
+    from vlmpipe.params import CocoParams
+
+    src = _served_coco(file_server, tmp_path)
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    mirror = file_server.url("/mirror")
+    # A mirror serving other bytes than the published archives, as said with verify: false.
+    assert coco.build(CocoParams(source="coco2017", url=mirror, verify=False), 0, tmp_path / "a",
+                      download_dir=tmp_path / "dl") == {"train": 4, "val": 2}
+    # A folder the user filled: used in place, nothing downloaded, nothing changed.
+    n = len(file_server.log)
+    assert coco.build(CocoParams(source="coco2017", local_dir=str(src), verify=False), 0, tmp_path / "b") == \
+        {"train": 4, "val": 2}
+    assert len(file_server.log) == n and {f.name: f.read_bytes() for f in src.iterdir()} == before
+    cases = [
+        # the published md5/size checked against a mirror that serves other bytes
+        (CocoParams(source="coco2017", url=mirror), r"^coco\.url: .*annotations_trainval2017\.zip: size mismatch "
+                                                    r"\(expected 252907541 bytes, server announces \d+\) at http"),
+        # a wrong mirror URL
+        (CocoParams(source="coco2017", url=file_server.url("/nope"), verify=False),
+         r"^coco\.url: http://127\.0\.0\.1:\d+/nope/annotations/annotations_trainval2017\.zip: HTTP 404"),
+        # the user's copy is not the published one
+        (CocoParams(source="coco2017", local_dir=str(src)), r"^" + re.escape(str(src / "annotations_trainval2017.zip"))
+         + r": size mismatch .*set coco\.verify: false"),
+        (CocoParams(source="coco2017", local_dir=str(tmp_path / "none")), r"^coco\.local_dir: .* is not a folder"),
+    ]
+    for params, pattern in cases:
+        with pytest.raises(UserError) as e:
+            coco.build(params, 0, tmp_path / "c", download_dir=tmp_path / "dl2")
+        assert re.search(pattern, str(e.value)) and "\n" not in str(e.value), str(e.value)
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    assert not (tmp_path / "dl2").exists() or not list((tmp_path / "dl2").rglob("*.zip"))
 
 
 # --- Q/A CSV ---------------------------------------------------------------------

@@ -211,13 +211,13 @@ def test_4bit_model_trains_after_an_evaluation_on_every_cpu(world):
     assert torch.isfinite(loss)
     if has_avx512bf16():
         # The hazard is real on this machine: a layer left at bitsandbytes' default repacks, and
-        # keep_4bit_trainable undoes it.
+        # disable_4bit_repacking undoes it.
         layers[0].support_avx512bf16_for_cpu = True
         with torch.no_grad():
             model.eval()
             model.loss_stats(batch)
         assert _packed(model)[0]
-        assert V.keep_4bit_trainable(model) == len(layers) and not any(_packed(model))
+        assert V.disable_4bit_repacking(model) == len(layers) and not any(_packed(model))
         model.train()
         model(batch)["loss"].backward()
 
@@ -286,6 +286,8 @@ def test_save_then_load_gives_the_same_answers(trained, tmp_path):
     assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == \
         {f.relative_to(again): f.read_bytes() for f in again.rglob("*") if f.is_file()}
     loaded = V.load_vlm(out, "cpu")
+    # Answering takes the same 4-bit path as training, on any CPU (no AVX512-BF16 repacking).
+    assert not [m for m in loaded.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     qs = [(i, j) for i in range(6) for j in range(5)]
     assert V.predict_turns(loaded, val, qs) == V.predict_turns(model, val, qs)
     assert not loaded.training

@@ -213,6 +213,8 @@ def download(
             before = part.stat().st_size if part.exists() else 0
             _fetch(url, part, size, timeout, str(dest))
             break
+        except UserError as e:  # the server announces another size: not the file the params expect
+            raise UserError(f"{where}{e} at {shown}" + (f"; {hint}" if hint else "")) from None
         except _Dropped as e:
             reason = str(e)
         except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError, TimeoutError) as e:

@@ -220,7 +220,7 @@ def clip_encoder(name: str, regions: int, device: torch.device, revision: str = 
     from vlmpipe import hub
 
     model = hub.load(CLIPVisionModel, name, revision, key).to(device).eval()
-    commit = hub.commit_of(model)
+    commit = hub.resolved_commit(name, revision)
     processor = hub.load(CLIPImageProcessor, name, commit or revision, key)
 
     def fn(images: list) -> torch.Tensor:

@@ -27,7 +27,7 @@ def evaluate_siglip(siglip_dir, cifar_root, df, limit: int = 0, device="cpu") ->
     texts = image_texts(df, "test", len(test), test.label_names)
     # The same held-out captions train_siglip reports per epoch (and the same fallback for a CSV
     # without colour or brightness questions).
-    captions = retrieval_captions(texts, test.labels)[:n]
+    captions = retrieval_captions(texts, test.labels, n)
     with torch.no_grad():
         return retrieval_metrics(model, test.images[:n], test.labels[:n], texts.prompts, captions)
 

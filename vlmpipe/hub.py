@@ -134,10 +134,19 @@ def describe(e: BaseException, name: str, revision: str) -> str:
     return f"cannot load {name}@{revision} ({_first_line(e)})"
 
 
-def commit_of(obj: Any) -> str | None:
-    """The commit a loaded model or tokenizer came from (None for a local folder)."""
-    cfg = getattr(obj, "config", None)
-    return getattr(cfg, "_commit_hash", None) if cfg is not None else getattr(obj, "_commit_hash", None)
+def resolved_commit(name: str | os.PathLike, revision: str) -> str | None:
+    """The commit ``revision`` of hub model ``name`` resolves to in the local cache (after a load:
+    the commit that was loaded); None for a local folder or when nothing is cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if is_local(name):
+        return None
+    try:
+        path = try_to_load_from_cache(str(name), "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an invalid id or revision resolves to nothing
+        return None
+    parts = Path(path).parts if isinstance(path, str) else ()
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
 def warn_unpinned(name: str, revision: str, key: str) -> None:

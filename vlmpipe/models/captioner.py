@@ -369,7 +369,7 @@ def load_lm(source: str | os.PathLike, revision: str = "main", key: str = "capti
     from vlmpipe import hub
 
     lm = hub.load(AutoModelForCausalLM, source, revision, key, dtype=torch.float32)
-    return lm, hub.load(AutoTokenizer, source, hub.commit_of(lm) or revision, key)
+    return lm, hub.load(AutoTokenizer, source, hub.resolved_commit(source, revision) or revision, key)
 
 
 def build_captioner(lm_source: str | os.PathLike, *, encoder: Mapping[str, Any], feature_dim: int,
@@ -388,7 +388,8 @@ def build_captioner(lm_source: str | os.PathLike, *, encoder: Mapping[str, Any],
                 prefix_tokens=int(prefix_tokens), freeze_lm=bool(freeze_lm), beam_size=int(beam_size),
                 max_caption_tokens=int(max_caption_tokens), lm_source=str(lm_source),
                 # The hub commit the LM started from (None for a folder): a frozen hub LM is loaded at it again.
-                lm_revision=None if hub.is_local(lm_source) else (hub.commit_of(lm) or lm_revision),
+                lm_revision=None if hub.is_local(lm_source) else (hub.resolved_commit(lm_source, lm_revision)
+                                                                   or lm_revision),
                 length_penalty=LENGTH_PENALTY)
     return Captioner(lm, tok, projector, info)
 

@@ -215,16 +215,18 @@ def load_base(base: str | os.PathLike, load_in_4bit: bool, attn_implementation: 
     return model
 
 
-def keep_4bit_trainable(model: nn.Module) -> int:
-    """Keep every bitsandbytes 4-bit layer of ``model`` on its training path; return how many there are.
+def disable_4bit_repacking(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on its one (training) path; return how many there are.
 
     bitsandbytes 0.50.2, on a CPU with AVX512-BF16, repacks a ``Linear4bit`` weight into a CPU
     inference layout on its first eval-mode forward without gradients (the per-epoch evaluation
-    is one) and never packs it back; the next training step then takes the inference kernel,
+    is one) and never packs it back. The next training step then takes the inference kernel,
     whose in-place bias add fails under autograd ("a view of a leaf Variable that requires grad
-    is being used in an in-place operation"). A CPU without the feature never repacks, so the
-    failure depends on the machine. A model built to train switches the repacking off, and
-    undoes it if it already happened; a model loaded only to answer keeps it.
+    is being used in an in-place operation"); and the repacking itself fails for layers narrower
+    than the quantization block (64), as in small test models. A CPU without the feature never
+    repacks, so both failures depend on the machine. Every 4-bit model here, built to train or
+    loaded to answer, switches the repacking off (and undoes it if it already happened): one code
+    path and the same numbers on every CPU.
     """
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     from bitsandbytes.nn import Linear4bit
@@ -398,7 +400,9 @@ class PhiVLM(nn.Module):
         # was built in, and target_modules sorted (peft keeps a set: string-hash order per process).
         # peft's model card names that directory too: a plain card replaces it. Equal models now
         # save to equal bytes, which DVC's output hashes rely on.
-        self.lm.save_pretrained(str(d / "adapter"), safe_serialization=True)
+        # save_embedding_layers=False: the adapter never trains embeddings (and peft would look the
+        # base config up on the hub to find out).
+        self.lm.save_pretrained(str(d / "adapter"), safe_serialization=True, save_embedding_layers=False)
         acfg = d / "adapter" / "adapter_config.json"
         a = read_json(acfg)
         a["base_model_name_or_path"] = info["base_model"]
@@ -467,8 +471,8 @@ def build_vlm(p, base: str | os.PathLike, device: torch.device | str = "cpu", *,
         torch.manual_seed(seed)
         lm = get_peft_model(lm, _lora_config(p))
     if p.load_in_4bit:
-        keep_4bit_trainable(lm)
-    commit = hub.commit_of(lm)
+        disable_4bit_repacking(lm)
+    commit = None if p.base_model == "tiny" else hub.resolved_commit(base, revision)
     tokenizer = load_tokenizer(base, commit or revision)
     hidden = lm.get_input_embeddings().weight.shape[1]
     projector = PrefixProjector(embed_dim, regions, p.prefix_tokens, hidden, p.projector_hidden or None).to(device)
@@ -500,7 +504,6 @@ def load_vlm(directory: str | os.PathLike = "models/phi2_vlm", device: str | tor
     """Load a saved QA model in one call: base (4-bit as trained) + adapter + projector, in eval mode."""
     from peft import PeftModel
 
-    from vlmpipe import hub
     from vlmpipe.runtime import resolve_device, resolve_precision
 
     d = Path(directory)
@@ -517,13 +520,16 @@ def load_vlm(directory: str | os.PathLike = "models/phi2_vlm", device: str | tor
     key = f"{cfg_path} base_model"
     lm = load_base(base, info["load_in_4bit"], info["attn_implementation"], dev, revision=revision,
                    compute_dtype=resolve_precision("auto", dev), key=key)
-    got = hub.commit_of(lm)
-    if info.get("base_revision") and got and got != info["base_revision"]:
-        raise UserError(f"{key}: loaded {base}@{got}, but the adapter was trained on {info['base_revision']}")
+    projector = PrefixProjector.load(d).to(dev)
+    width = lm.get_input_embeddings().weight.shape[1]
+    if projector.hidden_size != width:  # checked before peft meets the adapter's shapes
+        raise UserError(f"{key}: {base}@{revision} has hidden size {width}, but the projector was trained for "
+                        f"{projector.hidden_size}: not the base this model was trained on")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
         lm = PeftModel.from_pretrained(lm, str(d / "adapter"), is_trainable=False)
-    projector = PrefixProjector.load(d).to(dev)
+    if info["load_in_4bit"]:
+        disable_4bit_repacking(lm)
     tokenizer = load_tokenizer(d / "tokenizer", key=key)
     info["model_dir"] = str(d)
     info["base_path"] = str(base)  # so that a loaded model can be saved again, self-contained

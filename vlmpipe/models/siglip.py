@@ -153,7 +153,8 @@ def build_siglip(p, train_texts: Sequence[str]) -> SigLIP:
         from vlmpipe import hub
 
         # The commit the frozen encoder came from: load_siglip loads that very one again.
-        model.config["text_encoder_revision"] = hub.commit_of(model.text_tower.encoder.model) or p.text_encoder_revision
+        model.config["text_encoder_revision"] = (hub.resolved_commit(p.text_encoder, p.text_encoder_revision)
+                                                 or p.text_encoder_revision)
     return model
 
 
@@ -214,17 +215,19 @@ def image_texts(df, split: str, n_images: int, label_names: list[str]) -> SplitT
     return out
 
 
-def retrieval_captions(texts: SplitTexts, labels: Sequence[int]) -> list:
+def retrieval_captions(texts: SplitTexts, labels: Sequence[int], limit: int = 0) -> list:
     """The held-out captions retrieval runs over, one per image (None: left out).
 
     The composed captions that name class, colour and background; a caption missing one of them
     is also true of other images and would count as a wrong answer. A user's CSV without colour
     and brightness questions leaves fewer than two such captions: then every image takes its
     class prompt, so retrieval (and its keys in the metrics) is still there, only easier.
+    ``limit`` > 0: the first ``limit`` images only (the decision is made on those).
     """
-    captions = [c if ok else None for c, ok in zip(texts.captions, texts.complete)]
+    n = limit or len(labels)
+    captions = [c if ok else None for c, ok in zip(texts.captions[:n], texts.complete[:n])]
     if sum(map(bool, captions)) < 2:
-        captions = [c or texts.prompts[int(lab)] for c, lab in zip(texts.captions, labels)]
+        captions = [c or texts.prompts[int(lab)] for c, lab in zip(texts.captions[:n], labels[:n])]
     return captions
 
 
