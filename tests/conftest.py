@@ -23,6 +23,8 @@ class FileServer:
         self.ignore_range: set[str] = set()
         # Paths answered 206 for a Range request but with the whole file from byte 0 (a broken proxy).
         self.wrong_range: set[str] = set()
+        # Paths always answered with this HTTP status (e.g. 500).
+        self.status: dict[str, int] = {}
         self.log: list[tuple[str, str | None, int]] = []
         server = self
 
@@ -34,6 +36,10 @@ class FileServer:
                 path = self.path.split("?")[0]
                 rng = self.headers.get("Range")
                 data = server.files.get(path)
+                if path in server.status:
+                    server.log.append((path, rng, server.status[path]))
+                    self.send_error(server.status[path])
+                    return
                 if data is None:
                     server.log.append((path, rng, 404))
                     self.send_error(404)

@@ -30,7 +30,7 @@ def _env(repo: Path) -> dict[str, str]:
 
 
 def _copy_repo(dest: Path, overrides: dict) -> Path:
-    for rel in ("stages", "vlmpipe"):
+    for rel in ("stages", "vlmpipe", "inputs"):
         shutil.copytree(ROOT / rel, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
     for rel in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
         if (ROOT / rel).exists():
@@ -50,28 +50,28 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedP
 def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
     from vlmpipe.data import cifar, shapes
 
-    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "user_qa.csv"}})
+    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
     _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
     header = "Dataset_Index,Class_Label,Split,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
     good = f"0,{shapes.SHAPES[labels[0]]},train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n"
-    (repo / "user_qa.csv").write_text(header + good + "x,circle,train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n")
+    (repo / "inputs/data/user_qa.csv").write_text(header + good + "x,circle,train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n")
     r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: user_qa.csv: data row 2 (line 3), column Dataset_Index: 'x' is not a non-negative integer"], r.stderr
+    assert errors == ["error: inputs/data/user_qa.csv: data row 2 (line 3), column Dataset_Index: 'x' is not a non-negative integer"], r.stderr
     assert not (repo / "data/cifar_qa.csv").exists()
 
 
 def test_valid_user_csv_is_copied(tmp_path):
     from vlmpipe.data import cifar, shapes
 
-    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "user_qa.csv"}})
+    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
     _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
     label = shapes.SHAPES[labels[0]]
     text = ("Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
             f"0,{label},what is it?,,,,,{label},,,,\n")
-    (repo / "user_qa.csv").write_text(text)
+    (repo / "inputs/data/user_qa.csv").write_text(text)
     r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
     assert r.returncode == 0, r.stderr
     assert (repo / "data/cifar_qa.csv").read_text() == text
@@ -100,3 +100,37 @@ def test_dvc_repro_of_the_data_stages_then_nothing_to_do(tmp_path):
     out = again.stdout + again.stderr
     assert "Data and pipelines are up to date" in out or out.count("didn't change") == 2, out
     assert "Running stage" not in out
+
+
+@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="dvc is not installed in this environment")
+def test_editing_the_user_csv_reruns_the_stage(tmp_path):
+    """qa.csv_path names a file under inputs/data, a DVC dependency: an edit is seen (it used to be
+    ignored: 'didn't change, skipping', and training kept the stale copy)."""
+    from vlmpipe.data import cifar, shapes
+
+    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
+    _, labels, _ = cifar.synthetic_split(0, "train", 3)
+    label = shapes.SHAPES[labels[0]]
+    csv_file = repo / "inputs/data/user_qa.csv"
+    csv_file.write_text("Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
+                        f"0,{label},what is it?,,,,,{label},,,,\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "copy"]):
+        assert _run(cmd, repo).returncode == 0
+    dvc = [str(BIN / "dvc"), "repro", "build_cifar_qa_csv"]
+    assert _run(dvc, repo).returncode == 0
+    csv_file.write_text(csv_file.read_text().replace("what is it?", "what shape is this?"))
+    r = _run(dvc, repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Running stage 'build_cifar_qa_csv'" in r.stdout + r.stderr
+    assert "what shape is this?" in (repo / "data/cifar_qa.csv").read_text()
+
+
+def test_a_user_csv_outside_inputs_is_refused_in_one_line(tmp_path):
+    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "user_qa.csv"}})
+    (repo / "user_qa.csv").write_text("Dataset_Index\n")
+    r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [
+        "error: params.yaml: qa.csv_path: 'user_qa.csv' is outside inputs/data/: put it (or a link to it) there, "
+        "so that DVC reruns what it feeds when it changes"]

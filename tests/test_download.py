@@ -234,3 +234,37 @@ def test_truncated_archive_is_a_user_error(tmp_path):
     tcut.write_bytes(t.read_bytes()[:40])
     with pytest.raises(UserError, match=r"cut\.tar\.gz"):
         safe_extract(tcut, tmp_path / "out")
+
+
+def test_zip_bomb_is_refused_before_writing(tmp_path):
+    """200 MB of zeros in a ~200 KB zip (it used to extract without limit)."""
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("zeros.bin", "w") as f:
+            for _ in range(200):
+                f.write(b"\0" * (1 << 20))
+    assert bomb.stat().st_size < 400_000
+    with pytest.raises(UserError, match=r"bomb\.zip: refusing to extract 209715200 bytes from a \d+-byte archive"):
+        safe_extract(bomb, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+    # ... and a tarball of the same kind, against an explicit cap.
+    tgz = tmp_path / "big.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        info = tarfile.TarInfo("zeros.bin")
+        info.size = 50 << 20
+        tf.addfile(info, io.BytesIO(b"\0" * info.size))
+    with pytest.raises(UserError, match="refusing to extract 52428800 bytes"):
+        safe_extract(tgz, tmp_path / "out2")
+    assert list((tmp_path / "out2").iterdir()) == []
+
+
+def test_bad_crc_leaves_no_partial_file(tmp_path):
+    good = _zip(tmp_path / "g.zip", {"a.txt": b"first member", "b.txt": os.urandom(4000)})
+    data = bytearray(good.read_bytes())
+    i = data.index(b"first member")
+    data[i] ^= 0xFF  # the stored bytes no longer match the CRC
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"bad\.zip: corrupt or truncated archive \(BadZipFile: Bad CRC-32"):
+        safe_extract(bad, tmp_path / "out")
+    assert list((tmp_path / "out").rglob("*")) == []

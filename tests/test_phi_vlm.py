@@ -8,6 +8,7 @@ the shared loop; held-out answers must beat the blind baseline clearly.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -351,3 +352,45 @@ def test_cli_missing_or_broken_image_is_one_line_error(cli_model, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(UserError, match="^" + re.escape(f"{bad}: cannot read image")):  # in-process: one interpreter start is enough
         V.ask_file(root / "phi2_vlm", bad, "What is it?", device="cpu")
+
+
+def test_unknown_target_module_names_the_choices(world):
+    with pytest.raises(UserError) as e:
+        V.build_vlm(small_params(target_modules=["q_proj", "qkv"]), world["base"], "cpu")
+    msg = str(e.value)
+    assert msg.startswith("phi2.target_modules: tiny has no linear layer named 'qkv' (it has: ")
+    assert "dense" in msg and "fc1" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("damage", ["config_not_json", "config_incomplete", "adapter_missing", "adapter_truncated",
+                                    "projector_truncated", "tokenizer_missing"])
+def test_damaged_model_folder_is_one_line(trained, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "phi2_vlm"
+    trained["model"].save(out)
+    if damage == "config_not_json":
+        (out / "vlm_config.json").write_text("{\"format\": ")
+    elif damage == "config_incomplete":
+        (out / "vlm_config.json").write_text(json.dumps({"format": V.FORMAT}))
+    elif damage == "adapter_missing":
+        shutil.rmtree(out / "adapter")
+    elif damage == "adapter_truncated":
+        f = out / "adapter/adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    elif damage == "projector_truncated":
+        f = out / "projector.safetensors"
+        f.write_bytes(f.read_bytes()[:64])
+    else:
+        shutil.rmtree(out / "tokenizer")
+    with pytest.raises(UserError) as e:
+        V.load_vlm(out, "cpu")
+    assert str(out) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_cli_ask_takes_any_text_and_answers_in_one_line(cli_model):
+    root, image = cli_model
+    for question in ("<script>alert(1)</script> $x^2$ {{7*7}} =cmd|' /C calc'!A0", "\u202eevil\u202c 👩‍👩‍👧 \"quoted\""):
+        r = _cli(str(image), question, "--history", "a,b\nc", "=1+1", "--model", str(root / "phi2_vlm"))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("\n") == 1 and r.stdout.endswith("\n")

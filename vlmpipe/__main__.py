@@ -41,14 +41,22 @@ def _run(argv: list[str]) -> None:
         from vlmpipe.models.captioner import caption_files
 
         for path, text in zip(args.images, caption_files(args.model, args.images, beam_size=args.beam_size)):
-            sys.stdout.write(f"{path}\t{text}\n")
+            sys.stdout.write(f"{path}\t{_one_line(text)}\n")
     else:
         from vlmpipe.models.phi_vlm import ask_file
 
         if len(args.history) % 2:
             raise UserError("--history: give question and answer pairs (an even number of texts)")
+        if not args.question.strip():
+            raise UserError("question: empty (ask something about the image)")
         turns = list(zip(args.history[0::2], args.history[1::2]))
-        sys.stdout.write(ask_file(args.model, args.image, args.question, history=turns) + "\n")
+        sys.stdout.write(_one_line(ask_file(args.model, args.image, args.question, history=turns)) + "\n")
+
+
+def _one_line(text: str) -> str:
+    """A generated text as one output line: a model may emit tabs or newlines, which would split a
+    caption's TSV row or an answer into several lines for the script reading them."""
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:

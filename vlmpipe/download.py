@@ -32,6 +32,7 @@ import shutil
 import socket
 import stat
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -374,40 +375,62 @@ def open_tar(path: str | os.PathLike) -> tarfile.TarFile:
     return tf
 
 
-def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+# An archive may declare at most this much content, and at most this many times its own size:
+# a "zip bomb" (200 MB of zeros in a 200 KB archive) is refused before a byte is written.
+MAX_EXTRACT_BYTES = 8 << 30
+MAX_EXPANSION = 100
+
+
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: int = MAX_EXTRACT_BYTES,
+                 max_expansion: float = MAX_EXPANSION) -> list[Path]:
     """Extract a zip or tar archive into ``dest``; return the files written.
 
     All members are checked before the first byte is written, so a refused
-    archive leaves nothing behind. Only regular files and folders are created
-    (no modes, owners or links are taken from the archive).
+    archive leaves nothing behind: names (absolute, ``..``, links), and the
+    total size they declare (``max_bytes``, and ``max_expansion`` times the
+    archive's size). Members are written into a temporary folder inside
+    ``dest`` and moved into place only when every one extracted (a member
+    with a bad CRC leaves no partial file). Only regular files and folders are
+    created (no modes, owners or links are taken from the archive).
     """
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
-    written: list[Path] = []
 
-    def target(name: str) -> Path:
-        t = (root / name).resolve()
-        if t != root and root not in t.parents:  # belt and braces after check_member_name
+    def target(base: Path, name: str) -> Path:
+        t = (base / name).resolve()
+        if t != base and base not in t.parents:  # belt and braces after check_member_name
             raise UserError(f"{archive}: refusing archive member {name!r} (escapes the folder)")
         return t
 
+    def check_size(declared: int) -> None:
+        size = archive.stat().st_size
+        if declared > max_bytes or (declared > (1 << 20) and declared > max_expansion * size):
+            raise UserError(f"{archive}: refusing to extract {declared} bytes from a {size}-byte archive "
+                            f"(limit {max_bytes} bytes, {max_expansion:g}x the archive)")
+
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    written: list[Path] = []
     try:
         if zipfile.is_zipfile(archive):
             with open_zip(archive) as zf:
-                for info in zf.infolist():
-                    t = target(info.filename)
+                infos = zf.infolist()
+                check_size(sum(i.file_size for i in infos))
+                for info in infos:
+                    t = target(tmp, info.filename)
                     if info.is_dir():
                         t.mkdir(parents=True, exist_ok=True)
                         continue
                     t.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(t, "wb") as out:
+                    with zf.open(info) as src, open(t, "wb") as out:  # reads at most file_size, checks the CRC
                         shutil.copyfileobj(src, out, CHUNK)
                     written.append(t)
         else:
             with open_tar(archive) as tf:
-                for m in tf.getmembers():
-                    t = target(m.name)
+                members = tf.getmembers()
+                check_size(sum(m.size for m in members))
+                for m in members:
+                    t = target(tmp, m.name)
                     if m.isdir():
                         t.mkdir(parents=True, exist_ok=True)
                         continue
@@ -416,6 +439,17 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Pa
                     with src, open(t, "wb") as out:
                         shutil.copyfileobj(src, out, CHUNK)
                     written.append(t)
+        # Everything extracted: move the top-level entries into place.
+        for entry in sorted(tmp.iterdir()):
+            final = root / entry.name
+            if final.is_dir() and entry.is_dir():
+                shutil.copytree(entry, final, dirs_exist_ok=True)
+            else:
+                if final.is_dir():
+                    shutil.rmtree(final)
+                os.replace(entry, final)
+        return [root / w.relative_to(tmp) for w in written]
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise UserError(f"{archive}: corrupt or truncated archive ({type(e).__name__}: {e})") from None
-    return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

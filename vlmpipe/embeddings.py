@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -76,10 +76,12 @@ def encoder_identity(name: str, module: nn.Module) -> dict:
 def siglip_identity(model_dir: str | os.PathLike) -> dict:
     """Identity of a saved SigLIP's image tower, read from its file (equals
     ``encoder_identity("siglip", load_siglip(model_dir).image_tower)``)."""
+    from vlmpipe.io import read_safetensors
+
     f = Path(model_dir) / "model.safetensors"
     if not f.exists():
         raise UserError(f"{model_dir}: no trained SigLIP (no model.safetensors); run `dvc repro train_siglip`")
-    state = load_file(str(f))
+    state = read_safetensors(f, "run `dvc repro train_siglip`")
     return {"name": "siglip", "hash": weights_hash({k[len("image_tower."):]: v for k, v in state.items()
                                                      if k.startswith("image_tower.")})}
 

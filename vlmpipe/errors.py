@@ -10,11 +10,27 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import unicodedata
 from typing import Callable
 
 
+def one_line(text: str) -> str:
+    """``text`` with every control, format and line-separator character escaped (``\\n``, ``\\u202e``):
+    a key, a cell or a file name quoted in a message cannot break it into lines or reorder it."""
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 class UserError(Exception):
-    """A problem with the user's input, reported as one line."""
+    """A problem with the user's input, reported as one line (made one line here, whatever it quotes)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 EXIT_USER_ERROR = 2

@@ -96,8 +96,10 @@ def load(loader: Any, name: str | os.PathLike, revision: str, key: str, **kwargs
     if is_local(name):
         try:
             return loader.from_pretrained(name, **kwargs)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{key}: cannot load {name} ({_first_line(e)})") from None
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged folder fails in many ways (JSON, safetensors, shapes)
+            raise UserError(f"{key}: cannot load {name} ({type(e).__name__}: {_first_line(e)})") from None
     cached = is_cached(name, revision)
     # A cached commit needs no network; a branch asks the hub where it points now.
     why_offline = None if cached and COMMIT.match(revision) else hub_unreachable()
@@ -109,7 +111,9 @@ def load(loader: Any, name: str | os.PathLike, revision: str, key: str, **kwargs
         kwargs["local_files_only"] = True  # the cached files, without ~25 s of retries first
     try:
         return loader.from_pretrained(name, revision=revision, **kwargs)
-    except (OSError, ValueError) as e:
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, cache and file problems surface as many types
         raise UserError(f"{key}: {describe(e, name, revision)}") from None
 
 

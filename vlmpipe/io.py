@@ -41,6 +41,39 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A working folder ``parent/.<name>-<pid>.tmp`` for this process, removed on exit.
+
+    Unlike a folder in $TMPDIR, one left by a killed run (SIGKILL skips every cleanup) is found
+    and removed by the next run in the same ``parent`` (a stage's checkpoint folder), instead of
+    piling up where nobody looks.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.glob(f".{name}-*.tmp"):
+        pid = old.name[len(name) + 2:-4]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = parent / f".{name}-{os.getpid()}.tmp"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as f:
@@ -62,11 +95,47 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def read_json_file(path: str | os.PathLike, hint: str = "") -> dict:
+    """A JSON object from ``path``, or one ``UserError`` naming the file (missing, not UTF-8, not
+    JSON, not an object) and ``hint`` (what to do, e.g. which stage rebuilds it)."""
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found{tail}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, not a JSON file{tail}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: corrupt JSON ({str(e).splitlines()[0][:120]}){tail}") from None
+    except RecursionError:
+        raise UserError(f"{path}: corrupt JSON (nested too deeply){tail}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}{tail}")
+    return data
+
+
+def read_safetensors(path: str | os.PathLike, hint: str = "") -> dict:
+    """The tensors of a safetensors file, or one ``UserError`` naming it (missing, truncated, corrupt)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise UserError(f"{path}: not found{tail}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UserError(f"{path}: corrupt or truncated weights ({str(e).splitlines()[0][:120]}){tail}") from None
+
+
 def read_image(path: str | os.PathLike):
     """An RGB PIL image, or a ``UserError`` naming the file (for the CLI's image arguments)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not an image file")
     if not path.is_file():
         raise UserError(f"{path}: image file not found")
     try:

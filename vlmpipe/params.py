@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,27 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def _check_url(url: str, key: str) -> None:
     _check(not url or url.startswith(("http://", "https://")), key, f"must be an http(s) URL, got {url!r}")
+
+
+# Files and folders of the user's that params name live under inputs/: that folder is a DVC
+# dependency of the stages that read them, so editing one reruns what it feeds (a path elsewhere
+# would be read, but DVC would never see it change). inputs/data: CSVs and archive copies;
+# inputs/models: local model folders.
+INPUTS = "inputs"
+
+
+def _looks_local(name: str) -> bool:
+    """A filesystem path rather than a hub id (``gpt2``, ``org/name``)."""
+    return name.startswith(("/", ".", "~", f"{INPUTS}/")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_input_path(value: str, key: str, folder: str) -> None:
+    if not value:
+        return
+    parts = Path(value).parts
+    _check(not Path(value).is_absolute() and ".." not in parts and parts[:2] == (INPUTS, folder), key,
+           f"{value!r} is outside {INPUTS}/{folder}/: put it (or a link to it) there, so that DVC reruns "
+           f"what it feeds when it changes")
 
 
 def _check_revision(rev: str, key: str) -> None:
@@ -60,6 +82,8 @@ class CocoParams:
     def validate(self, key: str) -> None:
         _check(self.source in ("synthetic", "coco2017"), f"{key}.source", f"must be 'synthetic' or 'coco2017', got {self.source!r}")
         _check(not (self.url and self.local_dir), f"{key}.local_dir", "set either url or local_dir, not both")
+        if not self.verify:  # with verify the published md5 pins the content; without, DVC must watch it
+            _check_input_path(self.local_dir, f"{key}.local_dir", "data")
         _check_url(self.url, f"{key}.url")
         _check(self.max_images >= 0, f"{key}.max_images", "must be >= 0")
         _check(self.synthetic_train_images > 0, f"{key}.synthetic_train_images", "must be > 0")
@@ -84,6 +108,8 @@ class CifarParams:
     def validate(self, key: str) -> None:
         _check(self.source in ("synthetic", "cifar10"), f"{key}.source", f"must be 'synthetic' or 'cifar10', got {self.source!r}")
         _check(not (self.url and self.local_path), f"{key}.local_path", "set either url or local_path, not both")
+        if not self.verify:
+            _check_input_path(self.local_path, f"{key}.local_path", "data")
         _check_url(self.url, f"{key}.url")
         _check(self.synthetic_train_per_class > 0, f"{key}.synthetic_train_per_class", "must be > 0")
         _check(self.synthetic_test_per_class > 0, f"{key}.synthetic_test_per_class", "must be > 0")
@@ -97,6 +123,7 @@ class QaParams:
 
     def validate(self, key: str) -> None:
         _check(1 <= self.questions_per_image <= 5, f"{key}.questions_per_image", "must be between 1 and 5")
+        _check_input_path(self.csv_path, f"{key}.csv_path", "data")
 
 
 @dataclass
@@ -167,6 +194,8 @@ class SiglipParams:
         _check(self.text_vocab_size >= 512, f"{key}.text_vocab_size", "must be >= 512 (a byte-level BPE needs room beyond its 256 byte symbols)")
         _check(self.logit_lr_mult > 0, f"{key}.logit_lr_mult", "must be > 0")
         _check_revision(self.text_encoder_revision, f"{key}.text_encoder_revision")
+        if _looks_local(self.text_encoder):
+            _check_input_path(self.text_encoder, f"{key}.text_encoder", "models")
 
 
 @dataclass
@@ -232,6 +261,8 @@ class Phi2Params:
         _check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")
         _check(self.projector_hidden >= 0, f"{key}.projector_hidden", "must be >= 0 (0: sized from the LM)")
         _check_revision(self.revision, f"{key}.revision")
+        if _looks_local(self.base_model):
+            _check_input_path(self.base_model, f"{key}.base_model", "models")
         _check(self.lora_r >= 1, f"{key}.lora_r", "must be >= 1")
         _check(self.lora_alpha >= 1, f"{key}.lora_alpha", "must be >= 1")
         _check(0 <= self.lora_dropout < 1, f"{key}.lora_dropout", "must be in [0, 1)")
@@ -270,6 +301,9 @@ class CaptionerParams:
         _check(self.projector_hidden >= 0, f"{key}.projector_hidden", "must be >= 0 (0: sized from the LM)")
         _check_revision(self.vision_encoder_revision, f"{key}.vision_encoder_revision")
         _check_revision(self.lm_revision, f"{key}.lm_revision")
+        for name in ("lm", "vision_encoder"):
+            if _looks_local(getattr(self, name)):
+                _check_input_path(getattr(self, name), f"{key}.{name}", "models")
         _check(self.max_caption_tokens >= 4, f"{key}.max_caption_tokens", "must be >= 4")
         _check(self.beam_size >= 1, f"{key}.beam_size", "must be >= 1 (1 is greedy)")
 
@@ -302,7 +336,8 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     def validate(self, key: str = "") -> None:
-        _check(self.seed >= 0, "seed", "must be >= 0")
+        # numpy's legacy seeding takes 32 bits; larger seeds would overflow inside the stage.
+        _check(0 <= self.seed < 2**32, "seed", f"must be between 0 and {2**32 - 1}")
         _check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
 
 
@@ -392,17 +427,69 @@ def from_dict(data: dict) -> Params:
     return params
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+# Deeper than any params file could sensibly be; a hostile file nested 100k deep would otherwise
+# end in a RecursionError traceback inside the YAML parser.
+MAX_DEPTH = 16
+
+
+def _depth(obj: Any, limit: int = MAX_DEPTH) -> int:
+    stack, deepest = [(obj, 1)], 0
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > limit:
+            return d
+        if isinstance(o, dict):
+            stack += [(v, d + 1) for v in o.values()]
+        elif isinstance(o, list):
+            stack += [(v, d + 1) for v in o]
+    return deepest
+
+
 def load_params(path: str | os.PathLike | None = None) -> Params:
     """Load and validate ``params.yaml`` (or ``$VLMPIPE_PARAMS``); every problem is one ``UserError`` line."""
     path = Path(path or os.environ.get("VLMPIPE_PARAMS") or "params.yaml")
     if not path.exists():
         raise UserError(f"{path}: params file not found (run from the repository root)")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file (a params file is YAML text)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    # Flow collections nest without indentation; refuse absurd nesting before the parser recurses.
+    if max((len(m) for m in re.findall(r"[\[{]+", text)), default=0) > MAX_DEPTH:
+        raise UserError(f"{path}: nested more than {MAX_DEPTH} levels deep (not a params file)")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply (not a params file)") from None
+    if data is None:
+        raise UserError(f"{path}: empty params file (copy params.yaml or a file from presets/)")
+    if _depth(data) > MAX_DEPTH:
+        raise UserError(f"{path}: nested more than {MAX_DEPTH} levels deep (not a params file)")
     try:
         return from_dict(data)
     except UserError as e:

@@ -9,6 +9,7 @@ import base64
 import csv
 import html
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -128,10 +129,15 @@ def gallery_png(captions: Sequence[CaptionExample], qa: Sequence[QAExample], out
                 lines.append(f"Q: {q}  model: {a}  truth: {t}")
                 colors.append("#1a7a2e" if ok else "#b0201a")
         for i, (line, c) in enumerate(zip(lines, colors)):
-            ax_txt.text(0, 1 - i * 0.24, line, va="top", fontsize=8.5, color=c, transform=ax_txt.transAxes)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+            # parse_math=False: a caption or answer with "$" is text, not matplotlib mathtext
+            # (which raises on "$x" and would make a model's odd output crash the report).
+            ax_txt.text(0, 1 - i * 0.24, line, va="top", fontsize=8.5, color=c, transform=ax_txt.transAxes,
+                        parse_math=False)
+    with warnings.catch_warnings():  # characters the font lacks are drawn as boxes; no need to warn per glyph
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return out
 

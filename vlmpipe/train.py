@@ -236,13 +236,56 @@ def _save_checkpoint(ckpt_dir: Path, model: nn.Module, state: dict, identity: di
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _set_aside(ckpt: Path, why: str, main: bool) -> None:
+    """Move a checkpoint that cannot be resumed out of the way (kept for a look, never read again)."""
+    if main:
+        dest = ckpt.with_name(f"damaged-{ckpt.name}")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(ckpt, dest)
+        log.warning("checkpoint %s cannot be resumed (%s); moved it to %s and starting fresh (delete it when "
+                    "you have looked)", ckpt, why, dest)
+    barrier()
+
+
+def _read_checkpoint(ckpt: Path, model: nn.Module) -> tuple[dict, dict, dict]:
+    """(identity, weights, state) of one checkpoint; ValueError saying what is wrong when it is damaged."""
+    try:
+        identity = json.loads((ckpt / "identity.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"identity.json: {type(e).__name__}: {e}") from None
+    try:
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors reports truncation and garbage in several types
+        raise ValueError(f"trainable.safetensors: {str(e).splitlines()[0][:200] or type(e).__name__}") from None
+    try:
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated zip or pickle: RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f"state.pt: {str(e).splitlines()[0][:200] or type(e).__name__}") from None
+    if not isinstance(identity, dict) or not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
+        raise ValueError("identity.json or state.pt does not hold a vlmpipe checkpoint")
+    expected = trainable_state(model)
+    wrong = [k for k, v in expected.items() if k not in weights or weights[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"trainable.safetensors lacks or misshapes {wrong[:3]}")
+    return identity, weights, state
+
+
 def _load_checkpoint(ckpt_dir: Path, identity: dict, model: nn.Module, main: bool) -> dict | None:
-    """Load the latest matching checkpoint's weights into ``model``; return its state dict."""
+    """Load the latest matching checkpoint's weights into ``model``; return its state dict.
+
+    A checkpoint made with other settings is deleted (with the keys that changed); a damaged one
+    (truncated file, corrupt JSON, weights that do not fit the model) is set aside as
+    ``damaged-step_*`` beside it. Either way training starts fresh, with a warning saying why.
+    """
     ckpts = _checkpoints(ckpt_dir)
     if not ckpts:
         return None
     latest = ckpts[-1]
-    saved = json.loads((latest / "identity.json").read_text())
+    try:
+        saved, weights, state = _read_checkpoint(latest, model)
+    except ValueError as e:
+        _set_aside(latest, str(e), main)
+        return _load_checkpoint(ckpt_dir, identity, model, main)  # an older one may still be whole
     if saved != identity:
         if main:
             log.warning("checkpoint %s was made with different settings (%s); starting fresh and deleting it",
@@ -252,12 +295,7 @@ def _load_checkpoint(ckpt_dir: Path, identity: dict, model: nn.Module, main: boo
             for p in ckpts:
                 shutil.rmtree(p, ignore_errors=True)
         return None
-    weights = load_file(str(latest / "trainable.safetensors"))
-    missing = set(trainable_state(model)) - set(weights)
-    if missing:
-        raise UserError(f"{latest}: checkpoint lacks {sorted(missing)[:5]} (delete {ckpt_dir} to start fresh)")
     model.load_state_dict(weights, strict=False)
-    state = torch.load(latest / "state.pt", weights_only=True)
     if main:
         log.info("resuming %s from %s (step %d)", ckpt_dir.name, latest, state["step"])
     return state

@@ -160,15 +160,31 @@ def source_folder(params, download_dir: str | os.PathLike | None = None) -> Path
 
 # --- ingest -----------------------------------------------------------------------
 
+# Declared sizes beyond these are not COCO (captions_train2017.json is 92 MB, its largest image
+# under 1 MB): refused before reading, so a crafted archive cannot exhaust memory.
+MAX_CAPTIONS_BYTES = 1 << 30
+MAX_IMAGE_BYTES = 64 << 20
+
+
+def _check_member_size(zf: zipfile.ZipFile, archive: Path, member: str, limit: int) -> None:
+    try:
+        size = zf.getinfo(member).file_size
+    except KeyError:
+        return  # reported as missing by the read
+    if size > limit:
+        raise UserError(f"{archive}: member {member} declares {size} bytes (more than {limit}): not a COCO file")
+
+
 def _load_captions_json(zf: zipfile.ZipFile, archive: Path, member: str) -> dict[str, Any]:
     where = f"{archive}: {member}"
+    _check_member_size(zf, archive, member, MAX_CAPTIONS_BYTES)
     try:
         with zf.open(member) as f:
             data = json.load(f)
     except KeyError:
         raise UserError(f"{archive}: missing member {member}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise UserError(f"{where}: corrupt caption file ({type(e).__name__}: {e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error, EOFError, RecursionError) as e:
+        raise UserError(f"{where}: corrupt caption file ({type(e).__name__}: {str(e)[:200]})") from None
     _check_captions(data, where)
     return data
 
@@ -213,6 +229,7 @@ def _copy_images(src_zip: Path, dst_zip: Path, members: list[str]) -> None:
             return
         with zipfile.ZipFile(dst_zip, "w", allowZip64=True) as zout:
             for name in tqdm(members, desc=dst_zip.name, mininterval=2.0, leave=False):
+                _check_member_size(zin, src_zip, name, MAX_IMAGE_BYTES)
                 try:
                     data = zin.read(name)  # checks the member's CRC
                 except (zipfile.BadZipFile, zlib.error, EOFError) as e:
@@ -234,6 +251,9 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, max_images: int, seed
         for a in data["annotations"]:
             by_image[a["image_id"]].append(a)
         images = {im["id"]: im for im in data["images"] if by_image.get(im["id"])}
+        if not images:
+            raise UserError(f"{ann_zip}: {captions_member(split)} has no image with a caption "
+                            f"({len(data['images'])} images, {len(data['annotations'])} captions)")
         keep = select_subset(list(images), max_images, seed, split)
         keep_set = set(keep)
         subset = {
@@ -312,6 +332,7 @@ class CocoCaptions:
     def image(self, image_id: int) -> Image.Image:
         name = self.member(image_id)
         zf = self._archive()
+        _check_member_size(zf, self.archive, name, MAX_IMAGE_BYTES)
         try:
             data = zf.read(name)
             img = Image.open(io.BytesIO(data))

@@ -254,6 +254,10 @@ def read_qa_csv(path: str | os.PathLike, cifar_root: str | os.PathLike) -> pd.Da
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{path}: Q/A CSV not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, not a Q/A CSV file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e})") from None
     reader = csv.reader(io.StringIO(text))

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmpipe.errors import UserError
-from vlmpipe.io import atomic_path, read_image, read_json, write_json
+from vlmpipe.io import atomic_path, read_image, read_json_file, write_json
 from vlmpipe.models.projector import PrefixProjector
 
 log = logging.getLogger(__name__)
@@ -400,17 +400,23 @@ def load_captioner(directory: str | os.PathLike = "models/captioner", device: st
 
     d = Path(directory)
     cfg = d / CONFIG_NAME
+    rebuild = "run `dvc repro train_gpt2_captioner` (or `dvc checkout models/captioner`)"
     if not cfg.is_file():
-        raise UserError(f"{d}: not a trained captioner ({CONFIG_NAME} missing; run `dvc repro train_gpt2_captioner`)")
-    info = read_json(cfg)
+        raise UserError(f"{d}: not a trained captioner ({CONFIG_NAME} missing; {rebuild})")
+    info = read_json_file(cfg, rebuild)
     if info.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{cfg}: unsupported captioner format {info.get('format_version')!r}")
+    need = [k for k in ("encoder", "regions", "prefix_tokens", "beam_size", "max_caption_tokens") if k not in info]
+    if need or not isinstance(info.get("encoder"), dict):
+        raise UserError(f"{cfg}: incomplete config (no {(need or ['encoder'])[0]}); {rebuild}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vlmpipe import hub
 
     weights = info.get("lm_weights", LM_DIR)
     key = f"{cfg} lm_weights"
+    if not (d / LM_DIR).is_dir():
+        raise UserError(f"{d / LM_DIR}: missing (the language model and tokenizer); {rebuild}")
     if weights == LM_DIR:
         lm = hub.load(AutoModelForCausalLM, d / LM_DIR, "main", key, dtype=torch.float32)
     else:  # a frozen hub LM, at the commit it was trained with
@@ -492,7 +498,7 @@ def train_captioner(cp, *, seed: int, coco_root: str | os.PathLike, embeddings_r
     ``siglip_dir`` is the trained SigLIP used when ``cp.vision_encoder`` is "siglip":
     its identity must match the cache's, and its location (relative to ``out_dir``)
     is recorded so ``caption_files`` featurizes new images with the same tower."""
-    import tempfile
+    from vlmpipe.io import scratch_dir
 
     from vlmpipe.models.tiny_lm import build_tiny_lm
     from vlmpipe.params import to_dict
@@ -510,7 +516,7 @@ def train_captioner(cp, *, seed: int, coco_root: str | os.PathLike, embeddings_r
 
     if cp.lm != "tiny":
         hub.warn_unpinned(cp.lm, cp.lm_revision, "captioner.lm_revision")
-    with tempfile.TemporaryDirectory(prefix="vlmpipe-tiny-gpt2-") as tmp:
+    with scratch_dir(ckpt_dir, "tiny-base") as tmp:  # a killed run's leftovers are removed next time
         lm_source = cp.lm
         if cp.lm == "tiny":
             # Deterministic (sorted tokenizer texts, seeded init): a resumed run rebuilds the same base.

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from vlmpipe.errors import UserError
-from vlmpipe.io import read_image, read_json, write_json
+from vlmpipe.io import read_image, read_json, read_json_file, write_json
 from vlmpipe.models.projector import PrefixProjector
 
 log = logging.getLogger(__name__)
@@ -457,6 +457,12 @@ def build_vlm(p, base: str | os.PathLike, device: torch.device | str = "cpu", *,
         raise UserError(f"phi2.max_seq_len: prefix_tokens + max_seq_len + max_new_tokens "
                         f"({p.prefix_tokens}+{p.max_seq_len}+{p.max_new_tokens}) exceeds the base "
                         f"model's {max_pos} positions")
+    # An unknown target module would surface as a peft traceback; name the choices instead.
+    linears = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)})
+    unknown = [t for t in p.target_modules if t not in linears]
+    if unknown:
+        raise UserError(f"phi2.target_modules: {p.base_model} has no linear layer named {unknown[0]!r} "
+                        f"(it has: {', '.join(linears)})")
     gc_kwargs = {"use_reentrant": False}
     with warnings.catch_warnings():  # transformers 5 renames gradient checkpointing; peft still calls the old names
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
@@ -508,11 +514,19 @@ def load_vlm(directory: str | os.PathLike = "models/phi2_vlm", device: str | tor
 
     d = Path(directory)
     cfg_path = d / CONFIG_NAME
+    rebuild = "run `dvc repro train_phi2_qlora` (or `dvc checkout models/phi2_vlm`)"
     if not cfg_path.exists():
-        raise UserError(f"{d}: no trained QA model here ({CONFIG_NAME} missing; run `dvc repro train_phi2_qlora`)")
-    info = read_json(cfg_path)
+        raise UserError(f"{d}: no trained QA model here ({CONFIG_NAME} missing; {rebuild})")
+    info = read_json_file(cfg_path, rebuild)
     if info.get("format") != FORMAT:
         raise UserError(f"{cfg_path}: unsupported format {info.get('format')!r} (expected {FORMAT})")
+    need = [k for k in ("base_model", "load_in_4bit", "attn_implementation", "max_seq_len", "max_new_tokens")
+            if k not in info]
+    if need:
+        raise UserError(f"{cfg_path}: incomplete config (no {need[0]}); {rebuild}")
+    for part, what in (("adapter/adapter_config.json", "LoRA adapter"), ("tokenizer", "tokenizer")):
+        if not (d / part).exists():
+            raise UserError(f"{d / part.split('/')[0]}: missing or incomplete {what}; {rebuild}")
     dev = resolve_device(device) if isinstance(device, str) else device
     base = d / info["base_model"] if info.get("base_in_dir") else info["base_model"]
     # A hub base is loaded at the very commit the adapter was trained on, never whatever the hub serves today.
@@ -527,7 +541,11 @@ def load_vlm(directory: str | os.PathLike = "models/phi2_vlm", device: str | tor
                         f"{projector.hidden_size}: not the base this model was trained on")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-        lm = PeftModel.from_pretrained(lm, str(d / "adapter"), is_trainable=False)
+        try:
+            lm = PeftModel.from_pretrained(lm, str(d / "adapter"), is_trainable=False)
+        except Exception as e:  # noqa: BLE001 - truncated weights, corrupt JSON, shapes: all a damaged folder
+            raise UserError(f"{d / 'adapter'}: cannot load the LoRA adapter ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:160]}); {rebuild}") from None
     if info["load_in_4bit"]:
         disable_4bit_repacking(lm)
     tokenizer = load_tokenizer(d / "tokenizer", key=key)
@@ -700,12 +718,10 @@ def train_phi_vlm(p, *, seed: int, csv_path: str | os.PathLike, cifar_root: str 
     deterministic, so a resumed run rebuilds the same base). Returns the final
     metrics (also in ``report_dir/metrics.json``), next to the blind baseline.
     """
-    import tempfile
-
     from vlmpipe.data.qa import read_qa_csv
     from vlmpipe.embeddings import siglip_identity
     from vlmpipe.evaluation import BlindBaseline, normalize_answer, vqa_accuracy
-    from vlmpipe.io import atomic_path
+    from vlmpipe.io import atomic_path, scratch_dir
     from vlmpipe.models.tiny_lm import build_tiny_lm
     from vlmpipe.params import to_dict
     from vlmpipe.runtime import resolve_device
@@ -724,7 +740,7 @@ def train_phi_vlm(p, *, seed: int, csv_path: str | os.PathLike, cifar_root: str 
     device = resolve_device(p.train.device, "phi2.train.device")
     rel_siglip = os.path.relpath(Path(siglip_dir).resolve(), Path(out_dir).resolve())
 
-    with tempfile.TemporaryDirectory(prefix="vlmpipe-tiny-phi-") as tmp:
+    with scratch_dir(ckpt_dir, "tiny-base") as tmp:  # a killed run's leftovers are removed next time
         base: str | Path = p.base_model
         if p.base_model == "tiny":
             texts = [conversation_text(c, EOS)[: -len(EOS)] for c in tr_convs]  # build_tiny_lm appends EOS

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlmpipe.errors import UserError
@@ -65,10 +65,19 @@ class PrefixProjector(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> "PrefixProjector":
+        from vlmpipe.io import read_json_file, read_safetensors
+
         directory = Path(directory)
         cfg_path, w_path = directory / "projector.json", directory / "projector.safetensors"
         if not cfg_path.exists() or not w_path.exists():
             raise UserError(f"{directory}: no projector (projector.json / projector.safetensors missing)")
-        proj = cls(**json.loads(cfg_path.read_text()))
-        proj.load_state_dict(load_file(str(w_path)))
+        cfg = read_json_file(cfg_path)
+        try:
+            proj = cls(**cfg)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{cfg_path}: not a projector config ({e})") from None
+        try:
+            proj.load_state_dict(read_safetensors(w_path))
+        except RuntimeError as e:  # missing / unexpected keys, other shapes
+            raise UserError(f"{w_path}: does not fit {cfg_path} ({str(e).splitlines()[0][:160]})") from None
         return proj

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlmpipe.errors import UserError
@@ -162,19 +162,31 @@ def load_siglip(path: str | Path, device: str | torch.device = "cpu") -> SigLIP:
     """Load a model written by ``SigLIP.save`` (eval mode, on ``device``)."""
     from transformers import AutoTokenizer
 
+    from vlmpipe import hub
+    from vlmpipe.io import read_json_file, read_safetensors
+
     path = Path(path)
+    rebuild = "run `dvc repro train_siglip` (or `dvc checkout models/siglip`)"
     for need in ("config.json", "model.safetensors", "tokenizer"):
         if not (path / need).exists():
-            raise UserError(f"{path}: not a saved SigLIP model (no {need}); run `dvc repro train_siglip`")
-    config = json.loads((path / "config.json").read_text())
+            raise UserError(f"{path}: not a saved SigLIP model (no {need}); {rebuild}")
+    config = read_json_file(path / "config.json", rebuild)
     if config.get("format") != FORMAT:
         raise UserError(f"{path / 'config.json'}: not a SigLIP config (format {config.get('format')!r})")
-    model = SigLIP({k: v for k, v in config.items() if k not in ("format", "version")},
-                   AutoTokenizer.from_pretrained(str(path / "tokenizer")))
-    state = load_file(str(path / "model.safetensors"))
-    missing = [k for k in model._saved_state() if k not in state]
-    if missing:
-        raise UserError(f"{path / 'model.safetensors'}: incomplete, missing {missing[:3]}")
+    missing_keys = [k for k in CONFIG_KEYS if k not in config]
+    if missing_keys:
+        raise UserError(f"{path / 'config.json'}: incomplete config (no {missing_keys[0]}); {rebuild}")
+    tokenizer = hub.load(AutoTokenizer, path / "tokenizer", "main", f"{path / 'tokenizer'}")
+    try:
+        model = SigLIP({k: v for k, v in config.items() if k not in ("format", "version")}, tokenizer)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path / 'config.json'}: not a usable SigLIP config ({e}); {rebuild}") from None
+    state = read_safetensors(path / "model.safetensors", rebuild)
+    expected = model._saved_state()
+    wrong = [k for k, v in expected.items() if k not in state or state[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"{path / 'model.safetensors'}: does not fit config.json (missing or other shape: "
+                        f"{wrong[:3]}); {rebuild}")
     model.load_state_dict(state, strict=False)
     return model.to(device).eval()
 

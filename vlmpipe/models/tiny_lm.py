@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import random
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, PhiConfig, PreTrainedTokenizerFast
 
-from vlmpipe.io import atomic_path, write_json
+from vlmpipe.io import atomic_path, scratch_dir, write_json
 from vlmpipe.params import TinyLMParams, TrainParams
 from vlmpipe.text import train_bpe_tokenizer
 
@@ -77,7 +76,7 @@ class _WarmupTexts(torch.utils.data.Dataset):
 
 
 def _warmup(kind: str, model: nn.Module, tok: PreTrainedTokenizerFast, texts: Sequence[str], p: TinyLMParams,
-            seed: int, batch_size: int = 32) -> float:
+            seed: int, work_dir: Path, batch_size: int = 32) -> float:
     """Next-token training on ``texts`` through the shared loop (cosine decay, no warm-up ramp:
     the base should end settled, not mid-jump); returns the last step's loss."""
     from vlmpipe.train import TrainTask, fit
@@ -86,7 +85,7 @@ def _warmup(kind: str, model: nn.Module, tok: PreTrainedTokenizerFast, texts: Se
     cfg = TrainParams(epochs=1, batch_size=batch_size, lr=p.warmup_lr, weight_decay=0.0, warmup_ratio=0.0,
                       grad_clip=1.0, checkpoint_every=0, device="cpu")
     task = TrainTask(f"tiny {kind} warm-up", _CausalLMTask(model), data, data.collate)
-    with tempfile.TemporaryDirectory(prefix="vlmpipe-warmup-") as tmp:
+    with scratch_dir(work_dir, "warmup") as tmp:
         res = fit(task, cfg, seed=seed, ckpt_dir=Path(tmp) / "ckpt", report_dir=Path(tmp) / "reports",
                   identity={"tiny_lm": kind, "params": vars(p)})
     model.eval()
@@ -110,7 +109,7 @@ def build_tiny_lm(kind: str, p: TinyLMParams, texts: Sequence[str], out_dir: str
     log.info("tiny %s: %.2fM parameters, vocab %d", kind, n_params / 1e6, len(tok))
     last_loss = None
     if p.warmup_steps > 0:
-        last_loss = _warmup(kind, model, tok, texts, p, seed)
+        last_loss = _warmup(kind, model, tok, texts, p, seed, Path(out_dir).parent)
         log.info("tiny %s: LM warm-up %d steps, final loss %.3f", kind, p.warmup_steps, last_loss)
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
