@@ -21,7 +21,6 @@ captioner params of ``params.yaml`` (or $VLMPIPE_PARAMS). Reports tokens/s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -141,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     import os
 
-    from vlmpipe.models.captioner import build_captioner, collate
-    from vlmpipe.models.tiny_lm import build_tiny_lm
+    from vlmpipe.data.captions import CaptionDataset
+    from vlmpipe.data.collate import pad_collate
+    from vlmpipe.models.captioner import build_captioner
     from vlmpipe.params import load_params
+    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
 
     root = args.root.resolve()
     os.chdir(REPO)  # params.yaml (or $VLMPIPE_PARAMS) relative to the repo
@@ -165,32 +166,33 @@ def main(argv: list[str] | None = None) -> int:
     precompute_s = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
-        lm = cp.lm if cp.lm != "tiny" else build_tiny_lm("gpt2", cp.tiny, texts, Path(tmp) / "lm", p.seed)
+        lm = cp.lm if cp.lm != "tiny" else build_tiny_base("gpt2", cp.tiny, texts, Path(tmp) / "lm", p.seed)
 
         def fresh():  # the same initial captioner for both variants
             return build_captioner(lm, encoder={"name": cp.vision_encoder}, feature_dim=int(feats.shape[-1]),
                                    regions=cp.regions, prefix_tokens=cp.prefix_tokens, freeze_lm=cp.freeze_lm,
-                                   beam_size=cp.beam_size, max_caption_tokens=cp.max_caption_tokens, seed=p.seed)
+                                   beam_size=cp.beam_size, max_caption_tokens=cp.max_caption_tokens, seed=p.seed,
+                                   projector_hidden=cp.projector_hidden)
 
         cached_model, loop_model = fresh(), fresh()
-    ds = cached_model.dataset(feats, data.captions)
+    ds = CaptionDataset(feats, data.captions, cached_model.tokenizer, cp.max_caption_tokens)
     owner = [img for img, _ in ds.items]
     need = (args.steps + args.warmup) * bs
     if need > len(ds):
         raise SystemExit(f"--images {args.images} gives {len(ds)} samples; {need} needed (more images or fewer steps)")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(p.seed)).tolist()
     batches = [order[i * bs:(i + 1) * bs] for i in range(args.steps + args.warmup)]
-    pad, k = cached_model.pad_token_id, cached_model.prefix_tokens
+    pad = cached_model.pad_token_id
 
     def cached_batch(idx):
-        return collate([ds[i] for i in idx], pad, k), 0.0
+        return pad_collate([ds[i] for i in idx], pad), 0.0
 
     def loop_batch(idx):
         t = time.perf_counter()
         with torch.no_grad():  # frozen encoder, eval mode: one image per sample, decoded from the archive
             f = fn([data.image(owner[i]) for i in idx]).float()
         enc_s = time.perf_counter() - t
-        return collate([{"feats": f[j], "input_ids": ds[i]["input_ids"]} for j, i in enumerate(idx)], pad, k), enc_s
+        return pad_collate([{**ds[i], "feats": f[j]} for j, i in enumerate(idx)], pad), enc_s
 
     clip, lr = cp.train.grad_clip, cp.train.lr
     log.info("%d images (%s), %d samples, batch %d, %d timed steps; encoder: %s; %d threads", len(data.ids),

@@ -7,15 +7,17 @@ One mid-size Phi configuration (default ~98M parameters: hidden 768, 12
 layers, 12 heads, MLP 3072, vocab 8192; random init) is written once with
 ``save_pretrained``, and each variant runs in its OWN subprocess, loading it
 with ``from_pretrained`` exactly as the pipeline does
-(``vlmpipe.models.phi_vlm.load_base``):
+(``vlmpipe.models.qa_model.load_base``):
 
 - ``qlora``:  4-bit NF4 + double quantization, ``prepare_model_for_kbit_training``, LoRA;
 - ``lora32``: fp32 base, frozen, LoRA;
 - ``full``:   fp32 base, every parameter trained.
 
-All three use the pipeline's LoRA settings (r 8, alpha 16, rsLoRA, targets
-q_proj k_proj v_proj dense fc1 fc2), gradient checkpointing (the pipeline's
-default), AdamW and the same batches.
+All three use the LoRA settings and gradient checkpointing of ``--params``
+(default ``presets/full.yaml``, the settings that train Phi-2: r 8, alpha 16,
+rsLoRA, targets q_proj k_proj v_proj dense fc1 fc2, gradient checkpointing on;
+``--params params.yaml`` gives the offline default's r 32 without it), AdamW
+and the same batches.
 
 Memory held while training = resident memory after ``--warmup-steps``
 optimizer steps minus resident memory just before the model is loaded (imports
@@ -108,14 +110,14 @@ def child(args) -> dict:
     """One variant, in this process: memory held while training and useful tokens/s."""
     import torch
 
-    from vlmpipe.models.phi_vlm import load_base
-    from vlmpipe.params import Phi2Params
+    from vlmpipe.models.qa_model import load_base
+    from vlmpipe.params import load_params
 
     import bitsandbytes  # noqa: F401 - imported before the baseline, as the pipeline does
     import peft
 
     torch.manual_seed(0)
-    p = Phi2Params()
+    p = load_params(args.params).phi2
     trim()
     rss0, parts0 = rss_bytes(), rss_parts()
     device = torch.device("cpu")
@@ -128,9 +130,9 @@ def child(args) -> dict:
                 q.data = q.data.clone()
     gc_kwargs = {"use_reentrant": False}
     if args.variant == "qlora":
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing,
                                                      gradient_checkpointing_kwargs=gc_kwargs)
-    else:
+    elif p.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if args.variant in ("qlora", "lora32"):
         for q in model.parameters():
@@ -199,6 +201,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run each variant this many times (alternating order); keep the fastest")
     ap.add_argument("--no-pad-2048", dest="pad_2048", action="store_false")
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--params", type=Path, default=REPO / "presets/full.yaml",
+                    help="params file whose phi2 LoRA settings and gradient checkpointing to use (default: %(default)s)")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -217,7 +221,7 @@ def main() -> int:
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         order = [v for r in range(args.rounds) for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1])]
         for k, v in enumerate(order):
-            cmd = [sys.executable, __file__, "--variant", v, "--model-dir", str(Path(tmp) / "phi"),
+            cmd = [sys.executable, __file__, "--variant", v, "--model-dir", str(Path(tmp) / "phi"), "--params", str(args.params),
                    "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
                    "--vocab", str(args.vocab), "--batch-size", str(args.batch_size),
                    "--warmup-steps", str(args.warmup_steps), "--steps", str(args.steps)]

@@ -10,8 +10,9 @@ from pathlib import Path
 from vlmpipe.data import cifar, qa
 from vlmpipe.errors import stage_entry
 from vlmpipe.io import atomic_path, write_bytes
-from vlmpipe.params import load_params
+from vlmpipe.params import flatten, load_params, to_dict
 from vlmpipe.sources import preflight
+from vlmpipe.tracking import stage_run
 
 CIFAR_OUT = "data/cifar"
 CSV_OUT = "data/cifar_qa.csv"
@@ -19,9 +20,6 @@ CSV_OUT = "data/cifar_qa.csv"
 
 @stage_entry
 def main() -> None:
-    from vlmpipe.params import flatten, to_dict
-    from vlmpipe.tracking import stage_run
-
     p = load_params()
     preflight("build_cifar_qa_csv", p)  # anything this or a later stage cannot fetch: one line now
     params = {**flatten({"cifar": to_dict(p.cifar), "qa": to_dict(p.qa)}), "seed": p.seed}

@@ -9,17 +9,15 @@ data/coco/{train,val}2017.zip (images read in place, never extracted).
 from vlmpipe.data import coco
 from vlmpipe.errors import stage_entry
 from vlmpipe.io import atomic_path
-from vlmpipe.params import load_params
+from vlmpipe.params import flatten, load_params, to_dict
 from vlmpipe.sources import preflight
+from vlmpipe.tracking import stage_run
 
 OUT = "data/coco"
 
 
 @stage_entry
 def main() -> None:
-    from vlmpipe.params import flatten, to_dict
-    from vlmpipe.tracking import stage_run
-
     p = load_params()
     preflight("download_coco", p)  # anything this or a later stage cannot fetch: one line now
     with stage_run("download_coco", {**flatten({"coco": to_dict(p.coco)}), "seed": p.seed}):

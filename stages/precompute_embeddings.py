@@ -22,7 +22,15 @@ from pathlib import Path
 # 1 thread (measured: 25 vs 300 images/s for the tower at load average 8; passive: 230).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from vlmpipe import embeddings as E  # noqa: E402
+from vlmpipe.data.cifar import load_split  # noqa: E402
+from vlmpipe.data.coco import CocoCaptions  # noqa: E402
 from vlmpipe.errors import stage_entry  # noqa: E402
+from vlmpipe.models.siglip import load_siglip  # noqa: E402
+from vlmpipe.params import flatten, load_params, to_dict  # noqa: E402
+from vlmpipe.sources import preflight  # noqa: E402
+from vlmpipe.tracking import stage_run  # noqa: E402
+from vlmpipe.train import setup_distributed, shutdown_distributed  # noqa: E402
 
 SIGLIP, CIFAR, COCO, OUT = Path("models/siglip"), Path("data/cifar"), Path("data/coco"), Path("data/embeddings")
 log = logging.getLogger("precompute_embeddings")
@@ -31,11 +39,6 @@ log = logging.getLogger("precompute_embeddings")
 @stage_entry
 def main() -> None:
     t0 = time.perf_counter()
-    from vlmpipe.params import flatten, load_params, to_dict
-    from vlmpipe.sources import preflight
-    from vlmpipe.tracking import stage_run
-    from vlmpipe.train import setup_distributed, shutdown_distributed
-
     p = load_params()
     preflight("precompute_embeddings", p)  # anything this or a later stage cannot fetch: one line now
     rank, world, device = setup_distributed(p.embeddings.device, "embeddings.device")
@@ -51,11 +54,6 @@ def main() -> None:
 
 
 def _embed_all(p, rank: int, device) -> None:
-    from vlmpipe import embeddings as E
-    from vlmpipe.data.cifar import load_split
-    from vlmpipe.data.coco import CocoCaptions
-    from vlmpipe.models.siglip import load_siglip
-
     bs = p.embeddings.batch_size
     siglip = load_siglip(SIGLIP, device)
     siglip_id = E.encoder_identity("siglip", siglip.image_tower)

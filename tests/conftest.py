@@ -1,6 +1,7 @@
 """Shared fixtures: a loopback file server and tiny generated datasets."""
 from __future__ import annotations
 
+import contextlib
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -75,7 +76,11 @@ class FileServer:
                     return
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:
+                pass  # a client that hangs up mid-response (the tests' dropped downloads) is expected
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def url(self, path: str) -> str:
@@ -101,13 +106,29 @@ def _private_download_dir(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture
-def file_server():
+@contextlib.contextmanager
+def serving():
+    """A started FileServer, shut down on exit."""
     server = FileServer()
     server.thread.start()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    try:
+        yield server
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+
+
+@pytest.fixture
+def file_server():
+    with serving() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def file_server_session():
+    """One FileServer for the whole session (the full-preset rehearsal's archives)."""
+    with serving() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +139,16 @@ def tiny_cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     cifar.write_synthetic(root, train_per_class=20, test_per_class=5, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def qa_csv(tiny_cifar, tmp_path_factory):
+    """A generated Q/A CSV for ``tiny_cifar`` (seed 7)."""
+    from vlmpipe.data import qa
+
+    path = tmp_path_factory.mktemp("qa") / "cifar_qa.csv"
+    qa.write_qa_csv(path, tiny_cifar, seed=7)
+    return path
 
 
 @pytest.fixture(scope="session")

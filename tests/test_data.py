@@ -372,13 +372,6 @@ def test_coco_from_params_mirror_local_copy_and_their_mistakes(tmp_path, file_se
 # --- Q/A CSV ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def qa_csv(tiny_cifar, tmp_path_factory):
-    path = tmp_path_factory.mktemp("qa") / "cifar_qa.csv"
-    qa.write_qa_csv(path, tiny_cifar, seed=7)
-    return path
-
-
 def test_qa_csv_is_deterministic(qa_csv, tiny_cifar, tmp_path):
     again = tmp_path / "again.csv"
     qa.write_qa_csv(again, tiny_cifar, seed=7)
@@ -425,8 +418,11 @@ def test_every_answer_matches_its_ground_truth(qa_csv, tiny_cifar):
 
 
 def test_blind_baseline_is_beatable(tiny_cifar, tmp_path):
+    from vlmpipe.evaluation import BlindBaseline, vqa_accuracy
+
     df = qa.write_qa_csv(tmp_path / "qa.csv", tiny_cifar, seed=0)
-    blind = qa.blind_baseline(df[df.Split == "train"], df[df.Split == "test"])
+    baseline = BlindBaseline((q, a, t) for _, _, q, a, t in qa.qa_pairs(df[df.Split == "train"]))
+    blind = vqa_accuracy([(baseline(q, t), a, t) for _, _, q, a, t in qa.qa_pairs(df[df.Split == "test"])])["accuracy"]
     assert blind < 0.5
     # Yes/no class questions are balanced, so they carry no answer on their own.
     yesno = [a for _, _, _, a, t in qa.qa_pairs(df) if t == "class_yesno"]

@@ -54,13 +54,17 @@ def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
     _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
     header = "Dataset_Index,Class_Label,Split,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
     good = f"0,{shapes.SHAPES[labels[0]]},train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n"
+    (repo / "inputs/data/user_qa.csv").write_text(header + good)
+    assert _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo).returncode == 0
+    before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
     (repo / "inputs/data/user_qa.csv").write_text(header + good + "x,circle,train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n")
     r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: inputs/data/user_qa.csv: data row 2 (line 3), column Dataset_Index: 'x' is not a non-negative integer"], r.stderr
-    assert not (repo / "data/cifar_qa.csv").exists()
+    # The earlier outputs are as they were, byte for byte, and nothing else was left in data/.
+    assert {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()} == before
 
 
 def test_valid_user_csv_is_copied(tmp_path):

@@ -17,9 +17,6 @@ What it would download is pre-placed the way users' machines hold it:
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -124,17 +121,6 @@ def full_repo(tmp_path_factory, file_server_session) -> FullRepo:
     return full
 
 
-@pytest.fixture(scope="session")
-def file_server_session():
-    from conftest import FileServer
-
-    server = FileServer()
-    server.thread.start()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
-
-
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -165,10 +151,10 @@ def test_archives_came_through_the_mirror_params(full_repo):
 
 def test_models_record_the_hub_revisions_they_came_from(full_repo):
     p, root = full_repo.params, full_repo.path
-    vlm = _json(root / "models/phi2_vlm/vlm_config.json")
-    assert vlm["base_model"] == "microsoft/phi-2" and vlm["base_revision"] == p["phi2"]["revision"]
-    assert not (root / "models/phi2_vlm/base").exists()  # the hub base is referenced, not copied
-    cap = _json(root / "models/captioner/captioner.json")
+    vlm = _json(root / "models/phi2_vlm/model.json")
+    assert vlm["lm_source"] == "microsoft/phi-2" and vlm["lm_revision"] == p["phi2"]["revision"]
+    assert not (root / "models/phi2_vlm/lm").exists()  # the hub base is referenced, not copied
+    cap = _json(root / "models/captioner/model.json")
     assert cap["lm_source"] == "gpt2" and cap["lm_revision"] == p["captioner"]["lm_revision"]
     assert cap["encoder"]["name"] == "openai/clip-vit-base-patch16"
     assert cap["encoder"]["revision"] == p["captioner"]["vision_encoder_revision"]

@@ -141,15 +141,6 @@ def test_params_that_used_to_crash_later_or_fall_back_silently(tmp_path, content
 
 # ------------------------------------------------------------------ Q/A CSV
 
-@pytest.fixture(scope="module")
-def qa_csv(tiny_cifar, tmp_path_factory):
-    from vlmpipe.data import qa
-
-    path = tmp_path_factory.mktemp("qa") / "cifar_qa.csv"
-    qa.write_qa_csv(path, tiny_cifar, seed=0)
-    return path
-
-
 def test_qa_csv_mutated_bytewise(qa_csv, tiny_cifar, tmp_path):
     from vlmpipe.data.qa import read_qa_csv
 
@@ -347,11 +338,11 @@ def saved_models(tmp_path_factory):
 
     from vlmpipe.models import captioner as C
     from vlmpipe.models.siglip import build_siglip
-    from vlmpipe.models.tiny_lm import build_tiny_lm
+    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
     from vlmpipe.params import SiglipParams, TinyLMParams
 
     root = tmp_path_factory.mktemp("models")
-    lm = build_tiny_lm("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
+    lm = build_tiny_base("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
                        ["a red circle", "a blue star"] * 4, root / "lm", seed=0)
     tower = build_siglip(SiglipParams(text_width=32, text_layers=1), ["a photo of a circle", "a photo of a star"])
     tower.eval()
@@ -410,14 +401,14 @@ def test_cli_on_a_damaged_captioner_is_one_line(saved_models, tmp_path):
     d = tmp_path / "captioner"
     shutil.copytree(saved_models / "captioner", d)
     shutil.copytree(saved_models / "siglip", tmp_path / "siglip")
-    (d / "captioner.json").write_text("{not json")
+    (d / "model.json").write_text("{not json")
     img = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(img)
     r = subprocess.run([sys.executable, "-m", "vlmpipe", "caption", str(img), "--model", str(d)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [
-        f"error: {d / 'captioner.json'}: corrupt JSON (Expecting property name enclosed in double quotes: "
+        f"error: {d / 'model.json'}: corrupt JSON (Expecting property name enclosed in double quotes: "
         "line 1 column 2 (char 1)); run `dvc repro train_gpt2_captioner` (or `dvc checkout models/captioner`)"]
 
 

@@ -29,10 +29,10 @@ def offline_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
-    from vlmpipe.models.tiny_lm import build_tiny_lm
+    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
 
     texts = ["a red circle", "a blue star on a dark background", "two green rings"] * 4
-    return build_tiny_lm("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
+    return build_tiny_base("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
                          texts, tmp_path_factory.mktemp("lm") / "gpt2", seed=0)
 
 
@@ -71,7 +71,7 @@ def test_captioner_records_the_commit_of_its_hub_lm(offline_cache, tiny_gpt2, tm
     cache_folder(offline_cache, "acme/tiny-gpt2", COMMIT, tiny_gpt2)
     m = C.build_captioner("acme/tiny-gpt2", encoder={"name": "t"}, feature_dim=8, regions=1, prefix_tokens=2,
                           freeze_lm=True, beam_size=1, max_caption_tokens=8, lm_revision="main")
-    assert m.info["lm_revision"] == COMMIT  # "main" today, pinned to what it was
+    assert m.config.lm_revision == COMMIT  # "main" today, pinned to what it was
     m.save(tmp_path / "cap")
     # A frozen hub LM is not copied: it is loaded again at the recorded commit.
     assert not (tmp_path / "cap/lm/model.safetensors").exists()
@@ -80,35 +80,36 @@ def test_captioner_records_the_commit_of_its_hub_lm(offline_cache, tiny_gpt2, tm
 
 
 def test_qa_model_on_a_hub_base_records_and_checks_it(offline_cache, tmp_path):
-    """The adapter references the hub base by commit; load_vlm loads that commit and refuses a
+    """The adapter references the hub base by commit; load_qa_model loads that commit and refuses a
     base of another width (what a different model under the same name would be)."""
     from standins import cache_folder
-    from test_phi_vlm import make_data, small_params
-    from vlmpipe.models import phi_vlm as V
-    from vlmpipe.models.tiny_lm import build_tiny_lm
+    from test_phi_vlm import build, make_data, small_params
+    from vlmpipe.data.conversations import conversation_text
+    from vlmpipe.models.qa_model import load_qa_model
     from vlmpipe.text import EOS
+    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
 
     emb, convs = make_data(8, 0)
-    texts = [V.conversation_text(c, EOS)[: -len(EOS)] for c in convs]
+    texts = [conversation_text(c, EOS)[: -len(EOS)] for c in convs]
     tiny = TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0)
-    base = build_tiny_lm("phi", tiny, texts, tmp_path / "phi", seed=0)
+    base = build_tiny_base("phi", tiny, texts, tmp_path / "phi", seed=0)
     cache_folder(offline_cache, "acme/tiny-phi", COMMIT, base)
     p = small_params(base_model="acme/tiny-phi", revision=COMMIT, tiny=tiny)
-    model = V.build_vlm(p, "acme/tiny-phi", "cpu")
-    assert model.info["base_revision"] == COMMIT and model.info["base_model"] == "acme/tiny-phi"
+    model = build(p, "acme/tiny-phi")
+    assert model.config.lm_revision == COMMIT and model.config.lm_source == "acme/tiny-phi"
     model.save(tmp_path / "vlm")
-    assert not (tmp_path / "vlm/base").exists()
-    loaded = V.load_vlm(tmp_path / "vlm", "cpu")
-    q = V.answer_batch(loaded, emb[:2], ["What is in the image?"] * 2)
-    assert q == V.answer_batch(model, emb[:2], ["What is in the image?"] * 2)
+    assert not (tmp_path / "vlm/lm").exists()  # the hub base is referenced, not copied
+    loaded = load_qa_model(tmp_path / "vlm", "cpu")
+    q = loaded.answer(emb[:2], ["What is in the image?"] * 2)
+    assert q == model.answer(emb[:2], ["What is in the image?"] * 2)
 
-    wider = build_tiny_lm("phi", TinyLMParams(vocab_size=512, hidden_size=64, layers=1, heads=2, warmup_steps=0),
+    wider = build_tiny_base("phi", TinyLMParams(vocab_size=512, hidden_size=64, layers=1, heads=2, warmup_steps=0),
                           texts, tmp_path / "phi64", seed=0)
     cache_folder(offline_cache, "acme/tiny-phi", OTHER, wider)
-    cfg = tmp_path / "vlm/vlm_config.json"
+    cfg = tmp_path / "vlm/model.json"
     cfg.write_text(cfg.read_text().replace(COMMIT, OTHER))
     with pytest.raises(UserError, match="has hidden size 64, but the projector was trained for 32"):
-        V.load_vlm(tmp_path / "vlm", "cpu")
+        load_qa_model(tmp_path / "vlm", "cpu")
 
 
 def test_unpinned_hub_model_is_warned_about(caplog, tiny_gpt2):

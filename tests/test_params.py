@@ -23,12 +23,15 @@ def test_shipped_params_files_are_valid(name):
 
 
 def test_defaults_match_params_yaml():
-    """params.yaml spells out every key, so `dvc params diff` shows every change."""
+    """params.yaml spells out every key (so `dvc params diff` shows every change) and is the one
+    source of the pipeline's values: a dataclass default that differed from it (LoRA r 8 against
+    32, say) would change what a partial params file or a benchmark runs, silently."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     shipped = flatten(data)
     defaults = flatten(to_dict(Params()))
-    defaults.pop("phi2.train.lr")  # comes from the top-level lr
+    assert defaults.pop("phi2.train.lr") == shipped["lr"]  # comes from the top-level lr
     assert set(shipped) == set(defaults)
+    assert {k: v for k, v in defaults.items() if v != shipped[k]} == {}
 
 
 def _load(tmp_path, text):

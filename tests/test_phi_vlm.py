@@ -22,7 +22,12 @@ import torch
 
 from vlmpipe.errors import UserError
 from vlmpipe.io import read_json
-from vlmpipe.models import phi_vlm as V
+from vlmpipe import cli, heldout
+from vlmpipe.pipeline import tiny_base
+from vlmpipe.data import conversations as D
+from vlmpipe.data.collate import pad_collate
+from vlmpipe.models import qa_model as Q
+from vlmpipe.models.prefix_lm import FORMAT
 from vlmpipe.params import Phi2Params, TinyLMParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +65,12 @@ def make_data(n: int, seed: int, noise: float = 0.05) -> tuple[torch.Tensor, lis
     return torch.tensor(emb, dtype=torch.float16).unsqueeze(1), convs
 
 
+def build(p, base, **kw):
+    """A QA model on the tiny base at ``base`` (its features: [R=1, DIM])."""
+    kw.setdefault("encoder", {"name": "test"})
+    return Q.build_qa_model(p, base, "cpu", feature_dim=DIM, regions=1, **kw)
+
+
 def small_params(**kw) -> Phi2Params:
     # The LM warm-up is what makes the frozen 4-bit base learnable through LoRA in few steps.
     p = Phi2Params(tiny=TinyLMParams(vocab_size=512, hidden_size=64, layers=2, heads=4, warmup_steps=300,
@@ -84,13 +95,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from vlmpipe.models.tiny_lm import build_tiny_lm
     from vlmpipe.text import EOS
 
     tr_emb, tr_convs = make_data(N_TRAIN, 0)
     te_emb, te_convs = make_data(N_TEST, 1)
-    texts = [V.conversation_text(c, EOS)[: -len(EOS)] for c in tr_convs]
-    base = build_tiny_lm("phi", small_params().tiny, texts, tmp_path_factory.mktemp("base") / "tiny_phi", seed=0)
+    texts = [D.conversation_text(c, EOS)[: -len(EOS)] for c in tr_convs]
+    base = tiny_base.build("phi", small_params().tiny, texts, tmp_path_factory.mktemp("base") / "tiny_phi", seed=0)
     return {"base": base, "train": (tr_emb, tr_convs), "test": (te_emb, te_convs)}
 
 
@@ -101,13 +111,13 @@ def trained(world, tmp_path_factory):
 
     p = small_params()
     torch.manual_seed(0)
-    model = V.build_vlm(p, world["base"], "cpu", encoder={"name": "test"}, siglip_dir="../siglip")
-    train = V.QADataset(model.tokenizer, *world["train"], max_tokens=p.max_seq_len)
-    val = V.QADataset(model.tokenizer, *world["test"], max_tokens=p.max_seq_len)
-    questions = V.eval_questions(val, 5 * N_TEST)
+    model = build(p, world["base"], encoder={"name": "test", "path": "../siglip"})
+    train = D.QADataset(model.tokenizer, *world["train"], max_tokens=p.max_seq_len)
+    val = D.QADataset(model.tokenizer, *world["test"], max_tokens=p.max_seq_len)
+    questions = heldout.eval_questions(val, 5 * N_TEST)
     tmp = tmp_path_factory.mktemp("fit")
-    task = TrainTask("phi2_vlm", model, train, model.collate_fn, optimizer="paged_adamw",
-                     evaluate=lambda m, epoch: V.evaluate_qa(m, val, 64, questions))
+    task = TrainTask("phi2_vlm", model, train, model.collate, optimizer="paged_adamw",
+                     evaluate=lambda m, epoch: heldout.qa_scores(m, val, 64, questions))
     res = fit(task, p.train, seed=0, ckpt_dir=tmp / "ckpt", report_dir=tmp / "reports", identity={"test": 1})
     return {"model": model, "val": val, "questions": questions, "metrics": res.metrics, "tmp": tmp}
 
@@ -120,11 +130,11 @@ def test_labels_cover_exactly_the_answers_and_their_eos(world):
     tok = AutoTokenizer.from_pretrained(str(world["base"]))
     emb, convs = world["train"]
     convs = [convs[0], convs[1][:2], convs[2][:1]]  # different lengths: padding is exercised
-    data = V.QADataset(tok, emb[:3], convs)
-    batch = V.collate([data[i] for i in range(3)], pad_token_id=tok.pad_token_id)
+    data = D.QADataset(tok, emb[:3], convs)
+    batch = pad_collate([data[i] for i in range(3)], pad_token_id=tok.pad_token_id)
     lens = [len(data.encoded[i][0]) for i in range(3)]
     assert batch["input_ids"].shape == (3, max(lens))  # dynamic padding: the longest in the batch
-    assert batch["embeddings"].shape == (3, 1, DIM)
+    assert batch["feats"].shape == (3, 1, DIM)
     for i, turns in enumerate(convs):
         ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
         assert mask.sum() == lens[i] and (labels[lens[i]:] == -100).all()  # padding carries no label
@@ -138,7 +148,7 @@ def test_labels_cover_exactly_the_answers_and_their_eos(world):
         runs = "".join("1" if x else "0" for x in on.tolist())
         assert runs.count("01") == len(turns)
         unlabelled = tok.decode(ids[:lens[i]][~on[:lens[i]]])
-        assert unlabelled == "".join(V.question_text(q) for q, _ in turns)
+        assert unlabelled == "".join(D.question_text(q) for q, _ in turns)
 
 
 def test_prompt_is_the_conversation_prefix(world):
@@ -146,11 +156,11 @@ def test_prompt_is_the_conversation_prefix(world):
 
     tok = AutoTokenizer.from_pretrained(str(world["base"]))
     turns = world["train"][1][3]
-    ids, _ = V.encode_conversation(tok, turns)
-    prompt = V.encode_prompt(tok, turns[2][0], turns[:2])
+    ids, _ = D.encode_conversation(tok, turns)
+    prompt = D.encode_prompt(tok, turns[2][0], turns[:2])
     assert ids[:len(prompt)] == prompt  # what training saw before answer 3 is what inference feeds
-    assert V.encode_prompt(tok, "q?", turns, max_tokens=20)[-len(V._ids(tok, V.question_text("q?"))):] \
-        == V._ids(tok, V.question_text("q?"))
+    assert D.encode_prompt(tok, "q?", turns, max_tokens=20)[-len(D._ids(tok, D.question_text("q?"))):] \
+        == D._ids(tok, D.question_text("q?"))
 
 
 # ---------------------------------------------------------------- loading
@@ -158,7 +168,7 @@ def test_prompt_is_the_conversation_prefix(world):
 def test_base_is_4bit_and_only_lora_and_projector_train(world):
     import bitsandbytes as bnb
 
-    model = V.build_vlm(small_params(), world["base"], "cpu")
+    model = build(small_params(), world["base"])
     base = model.lm.get_base_model()
     layer = base.model.layers[0]
     for name in ("q_proj", "k_proj", "v_proj", "dense"):
@@ -194,17 +204,17 @@ def test_4bit_model_trains_after_an_evaluation_on_every_cpu(world):
     from bitsandbytes.functional import has_avx512bf16
 
     p = small_params()
-    model = V.build_vlm(p, world["base"], "cpu")
+    model = build(p, world["base"])
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     tok = model.tokenizer
-    data = V.QADataset(tok, world["train"][0][:4], world["train"][1][:4])
-    batch = model.collate_fn([data[i] for i in range(4)])
+    data = D.QADataset(tok, world["train"][0][:4], world["train"][1][:4])
+    batch = model.collate([data[i] for i in range(4)])
     model.train()
     model(batch)["loss"].backward()
     model.eval()
     with torch.no_grad():
-        model.loss_stats(batch)
+        heldout.teacher_forced(model, batch)
     assert not any(_packed(model))
     model.train()
     loss = model(batch)["loss"]
@@ -216,9 +226,9 @@ def test_4bit_model_trains_after_an_evaluation_on_every_cpu(world):
         layers[0].support_avx512bf16_for_cpu = True
         with torch.no_grad():
             model.eval()
-            model.loss_stats(batch)
+            heldout.teacher_forced(model, batch)
         assert _packed(model)[0]
-        assert V.disable_4bit_repacking(model) == len(layers) and not any(_packed(model))
+        assert Q.disable_4bit_repacking(model) == len(layers) and not any(_packed(model))
         model.train()
         model(batch)["loss"].backward()
 
@@ -226,19 +236,19 @@ def test_4bit_model_trains_after_an_evaluation_on_every_cpu(world):
 def test_full_precision_base_for_comparison(world):
     import bitsandbytes as bnb
 
-    model = V.build_vlm(small_params(load_in_4bit=False, gradient_checkpointing=False), world["base"], "cpu")
+    model = build(small_params(load_in_4bit=False, gradient_checkpointing=False), world["base"])
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert all("lora_" in n or n.startswith("projector.") for n, q in model.named_parameters() if q.requires_grad)
 
 
 def test_flash_attention_without_cuda_is_a_clear_error(world):
     with pytest.raises(UserError, match="attn_implementation: flash_attention_2"):
-        V.build_vlm(small_params(attn_implementation="flash_attention_2"), world["base"], "cpu")
+        build(small_params(attn_implementation="flash_attention_2"), world["base"])
 
 
 def test_missing_model_dir_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no trained QA model"):
-        V.load_vlm(tmp_path / "nope", "cpu")
+        Q.load_qa_model(tmp_path / "nope", "cpu")
 
 
 # ---------------------------------------------------------------- training, saving, answering
@@ -250,7 +260,7 @@ def test_heldout_accuracy_beats_blind_baseline(trained, world):
     val, qs = trained["val"], trained["questions"]
     truth = [val.conversations[i][j] for i, j in qs]
     blind_acc = sum(normalize_answer(blind(q)) == normalize_answer(a) for q, a in truth) / len(truth)
-    preds = V.predict_turns(trained["model"], val, qs)
+    preds = heldout.predict_turns(trained["model"], val, qs)
     acc = sum(normalize_answer(p) == normalize_answer(a) for p, (_, a) in zip(preds, truth)) / len(truth)
     assert acc == pytest.approx(trained["metrics"]["exact_match"])
     assert acc >= blind_acc + 0.15, (acc, blind_acc)
@@ -261,36 +271,38 @@ def test_heldout_accuracy_beats_blind_baseline(trained, world):
 def test_greedy_answers_are_deterministic_and_batch_independent(trained):
     model, val = trained["model"], trained["val"]
     qs = [(i, j) for i in range(4) for j in (0, 3)]
-    batched = V.predict_turns(model, val, qs, batch_size=8)
-    single = [V.answer(model, val.embeddings[i], val.conversations[i][j][0], val.conversations[i][:j]) for i, j in qs]
-    assert batched == single == V.predict_turns(model, val, qs, batch_size=3)
+    batched = heldout.predict_turns(model, val, qs, batch_size=8)
+    single = [model.answer(val.feats[i:i + 1], [val.conversations[i][j][0]], [val.conversations[i][:j]])[0]
+              for i, j in qs]
+    assert batched == single == heldout.predict_turns(model, val, qs, batch_size=3)
 
 
 def test_save_then_load_gives_the_same_answers(trained, tmp_path):
     model, val = trained["model"], trained["val"]
     out = tmp_path / "phi2_vlm"
     model.save(out)
-    for f in ("vlm_config.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-              "projector.safetensors", "projector.json", "tokenizer", "base/config.json", "base/model.safetensors"):
+    for f in ("model.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+              "projector.safetensors", "projector.json", "tokenizer", "lm/config.json", "lm/model.safetensors"):
         assert (out / f).exists(), f
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
-    cfg = read_json(out / "vlm_config.json")
-    assert cfg["base_model"] == "base" and cfg["template"] == V.TEMPLATE and cfg["encoder"] == {"name": "test"}
+    cfg = read_json(out / "model.json")
+    assert cfg["lm_source"] == "tiny" and cfg["extra"]["template"] == D.TEMPLATE
+    assert cfg["encoder"] == {"name": "test", "path": "../siglip"}
     # Nothing names the temporary directory the tiny base was built in: saving is reproducible.
-    base_tmp = str(model.info["base_path"])
+    base_tmp = str(model.base_path)
     assert not [f for f in out.rglob("*") if f.is_file() and base_tmp.encode() in f.read_bytes()]
     acfg = read_json(out / "adapter/adapter_config.json")
-    assert acfg["base_model_name_or_path"] == "base"
+    assert acfg["base_model_name_or_path"] == "lm"
     assert acfg["target_modules"] == sorted(acfg["target_modules"])  # a set in peft: hash order otherwise
     again = tmp_path / "again"
     model.save(again)
     assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == \
         {f.relative_to(again): f.read_bytes() for f in again.rglob("*") if f.is_file()}
-    loaded = V.load_vlm(out, "cpu")
+    loaded = Q.load_qa_model(out, "cpu")
     # Answering takes the same 4-bit path as training, on any CPU (no AVX512-BF16 repacking).
     assert not [m for m in loaded.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     qs = [(i, j) for i in range(6) for j in range(5)]
-    assert V.predict_turns(loaded, val, qs) == V.predict_turns(model, val, qs)
+    assert heldout.predict_turns(loaded, val, qs) == heldout.predict_turns(model, val, qs)
     assert not loaded.training
 
 
@@ -311,12 +323,12 @@ def cli_model(trained, tmp_path_factory):
     tower.eval()
     tower.save(root / "siglip")
     model = trained["model"]
-    info = dict(model.info)
-    model.info["encoder"] = siglip_identity(root / "siglip")  # as the stage records it
+    encoder = model.config.encoder
+    model.config.encoder = {**siglip_identity(root / "siglip"), "path": "../siglip"}  # as the stage records it
     try:
-        model.save(root / "phi2_vlm")  # config records siglip_dir "../siglip"
+        model.save(root / "phi2_vlm")
     finally:
-        model.info = info
+        model.config.encoder = encoder
     img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     path = root / "cat.png"
     Image.fromarray(img).save(path)
@@ -329,18 +341,18 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_ask_answers_an_image_file(cli_model):
-    from vlmpipe.models.siglip import load_siglip
+    from vlmpipe.io import read_image
 
     root, image = cli_model
     question, history = "How many legs does it have?", [("What is in the image?", "cat")]
     r = _cli(str(image), question, "--history", *history[0], "--model", str(root / "phi2_vlm"))
     assert r.returncode == 0, r.stderr
     # The same answer as encoding the file with the recorded SigLIP tower in-process.
-    model = V.load_vlm(root / "phi2_vlm", "cpu")
-    emb = V.encode_image(load_siglip(root / "siglip"), V.read_image(image), model)
-    expected = V.answer(model, emb, question, history)
+    model = Q.load_qa_model(root / "phi2_vlm", "cpu")
+    emb = cli.featurize(model, [read_image(image)])
+    expected = model.answer(emb, [question], [history])[0]
     assert r.stdout == expected + "\n"
-    assert V.ask_file(root / "phi2_vlm", image, question, history, device="cpu") == expected
+    assert cli.ask_file(root / "phi2_vlm", image, question, history, device="cpu") == expected
 
 
 def test_cli_missing_or_broken_image_is_one_line_error(cli_model, tmp_path):
@@ -351,12 +363,12 @@ def test_cli_missing_or_broken_image_is_one_line_error(cli_model, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(UserError, match="^" + re.escape(f"{bad}: cannot read image")):  # in-process: one interpreter start is enough
-        V.ask_file(root / "phi2_vlm", bad, "What is it?", device="cpu")
+        cli.ask_file(root / "phi2_vlm", bad, "What is it?", device="cpu")
 
 
 def test_unknown_target_module_names_the_choices(world):
     with pytest.raises(UserError) as e:
-        V.build_vlm(small_params(target_modules=["q_proj", "qkv"]), world["base"], "cpu")
+        build(small_params(target_modules=["q_proj", "qkv"]), world["base"])
     msg = str(e.value)
     assert msg.startswith("phi2.target_modules: tiny has no linear layer named 'qkv' (it has: ")
     assert "dense" in msg and "fc1" in msg and "\n" not in msg
@@ -370,9 +382,9 @@ def test_damaged_model_folder_is_one_line(trained, tmp_path, damage):
     out = tmp_path / "phi2_vlm"
     trained["model"].save(out)
     if damage == "config_not_json":
-        (out / "vlm_config.json").write_text("{\"format\": ")
+        (out / "model.json").write_text("{\"format\": ")
     elif damage == "config_incomplete":
-        (out / "vlm_config.json").write_text(json.dumps({"format": V.FORMAT}))
+        (out / "model.json").write_text(json.dumps({"format": FORMAT}))
     elif damage == "adapter_missing":
         shutil.rmtree(out / "adapter")
     elif damage == "adapter_truncated":
@@ -384,7 +396,7 @@ def test_damaged_model_folder_is_one_line(trained, tmp_path, damage):
     else:
         shutil.rmtree(out / "tokenizer")
     with pytest.raises(UserError) as e:
-        V.load_vlm(out, "cpu")
+        Q.load_qa_model(out, "cpu")
     assert str(out) in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 

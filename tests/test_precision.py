@@ -38,7 +38,8 @@ def test_auto_precision_is_bf16_on_cuda_only():
 
 
 def test_siglip_step_under_bf16_autocast(tmp_path):
-    from vlmpipe.models.siglip import ImageTextPairs, build_siglip
+    from vlmpipe.data.image_texts import ImageTextPairs
+    from vlmpipe.models.siglip import build_siglip
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
@@ -52,43 +53,44 @@ def test_siglip_step_under_bf16_autocast(tmp_path):
 
 
 def test_captioner_step_under_bf16_autocast(tmp_path):
+    from vlmpipe.data.captions import CaptionDataset
     from vlmpipe.models import captioner as C
-    from vlmpipe.models.tiny_lm import build_tiny_lm
+    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
 
     caps = [["a red circle", "a big red circle"], ["a blue star"], ["a green ring"], ["two bars"]] * 2
-    lm = build_tiny_lm("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
+    lm = build_tiny_base("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
                        [c for cs in caps for c in cs], tmp_path / "lm", seed=0)
     model = C.build_captioner(lm, encoder={"name": "t"}, feature_dim=16, regions=1, prefix_tokens=2,
                               freeze_lm=False, beam_size=1, max_caption_tokens=12)
     feats = torch.randn(len(caps), 1, 16).half()
-    data = model.dataset(feats, caps)
+    data = CaptionDataset(feats, caps, model.tokenizer, 12)
     seen = []
     model.lm.register_forward_hook(lambda mod, args, out: seen.append(out.logits.dtype))
-    _one_step(TrainTask("captioner", model, data, model.collate_fn), _cfg(4), tmp_path)
+    _one_step(TrainTask("captioner", model, data, model.collate), _cfg(4), tmp_path)
     assert seen and set(seen) == {torch.bfloat16}  # the LM really ran under bf16 autocast
 
 
 def test_phi_qlora_step_with_bf16_4bit_compute(tmp_path):
     import bitsandbytes as bnb
 
-    from test_phi_vlm import make_data, small_params
-    from vlmpipe.models import phi_vlm as V
-    from vlmpipe.models.tiny_lm import build_tiny_lm
+    from test_phi_vlm import build, make_data, small_params
+    from vlmpipe.data.conversations import QADataset, conversation_text
     from vlmpipe.text import EOS
+    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
 
     emb, convs = make_data(16, 0)
     p = small_params(tiny=TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
                      train=_cfg(8))
-    texts = [V.conversation_text(c, EOS)[: -len(EOS)] for c in convs]
-    base = build_tiny_lm("phi", p.tiny, texts, tmp_path / "base", seed=0)
-    model = V.build_vlm(p, base, "cpu")
+    texts = [conversation_text(c, EOS)[: -len(EOS)] for c in convs]
+    base = build_tiny_base("phi", p.tiny, texts, tmp_path / "base", seed=0)
+    model = build(p, base)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.compute_dtype == torch.bfloat16 for m in layers)  # what CUDA gets
-    data = V.QADataset(model.tokenizer, emb, convs, p.max_seq_len)
-    _one_step(TrainTask("phi2_vlm", model, data, model.collate_fn, optimizer="paged_adamw"), p.train, tmp_path)
+    data = QADataset(model.tokenizer, emb, convs, p.max_seq_len)
+    _one_step(TrainTask("phi2_vlm", model, data, model.collate, optimizer="paged_adamw"), p.train, tmp_path)
     # And the fp32 choice a CPU gets by default.
     p32 = small_params(tiny=p.tiny, train=TrainParams(device="cpu"))
-    model32 = V.build_vlm(p32, base, "cpu")
+    model32 = build(p32, base)
     assert all(m.compute_dtype == torch.float32 for m in model32.modules() if isinstance(m, bnb.nn.Linear4bit))
 
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from vlmpipe.errors import UserError
 from vlmpipe.models.image_tower import ImageTower
-from vlmpipe.models.siglip import (ImageTextPairs, _recall_chance, build_siglip, image_texts, load_siglip,
-                                   retrieval_metrics)
+from vlmpipe.data.image_texts import ImageTextPairs, image_texts
+from vlmpipe.heldout import _recall_chance, retrieval_metrics
+from vlmpipe.models.siglip import build_siglip, load_siglip
 from vlmpipe.params import SiglipParams
 
 REPO = Path(__file__).resolve().parent.parent

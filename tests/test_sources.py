@@ -112,3 +112,12 @@ def test_stage_script_fails_fast_offline_with_one_line(full_offline, tmp_path):
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert "microsoft/phi-2@" in lines[0] and "train2017.zip" in lines[0]
     assert not (tmp_path / "data").exists()
+
+
+def test_the_weights_table_is_torchvisions():
+    """remote.py's URLs (read by the preflight without importing torchvision models) are the ones
+    torchvision downloads for the pinned weights."""
+    from vlmpipe import remote
+    from vlmpipe.models.image_tower import IMAGENET_WEIGHTS
+
+    assert {k: w.url for k, w in IMAGENET_WEIGHTS.items()} == remote.IMAGENET_WEIGHTS

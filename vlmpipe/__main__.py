@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlmpipe.errors import stage_entry
+from vlmpipe.errors import UserError, stage_entry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,23 +34,18 @@ def _parser() -> argparse.ArgumentParser:
 
 @stage_entry
 def _run(argv: list[str]) -> None:
-    from vlmpipe.errors import UserError
-
     args = _parser().parse_args(argv)
-    if args.command == "caption":
-        from vlmpipe.models.captioner import caption_files
+    # Imported here, not at the top: --help and usage errors answer at once, without loading torch.
+    from vlmpipe import cli
 
-        for path, text in zip(args.images, caption_files(args.model, args.images, beam_size=args.beam_size)):
+    if args.command == "caption":
+        for path, text in zip(args.images, cli.caption_files(args.model, args.images, beam_size=args.beam_size)):
             sys.stdout.write(f"{path}\t{_one_line(text)}\n")
     else:
-        from vlmpipe.models.phi_vlm import ask_file
-
         if len(args.history) % 2:
             raise UserError("--history: give question and answer pairs (an even number of texts)")
-        if not args.question.strip():
-            raise UserError("question: empty (ask something about the image)")
         turns = list(zip(args.history[0::2], args.history[1::2]))
-        sys.stdout.write(_one_line(ask_file(args.model, args.image, args.question, history=turns)) + "\n")
+        sys.stdout.write(_one_line(cli.ask_file(args.model, args.image, args.question, history=turns)) + "\n")
 
 
 def _one_line(text: str) -> str:

@@ -142,6 +142,22 @@ def load(root: str | os.PathLike, dataset: str, split: str, expect_encoder: dict
     return Embeddings(ids=ids, embeddings=emb, encoder=encoder, regions=int(meta["regions"]))
 
 
+def features_for(root: str | os.PathLike, dataset: str, split: str, ids: Sequence[int], encoder: dict,
+                 where: str | os.PathLike) -> torch.Tensor:
+    """Cached features [len(ids), R, D] of the images ``ids`` (in that order), made by ``encoder``;
+    ``where`` (the file that names the ids, e.g. the Q/A CSV) is named when one is missing."""
+    cache = load(root, dataset, split, expect_encoder=dict(encoder))
+    emb = torch.as_tensor(cache.embeddings)
+    if emb.dim() == 2:
+        emb = emb.unsqueeze(1)
+    pos = {int(i): n for n, i in enumerate(torch.as_tensor(cache.ids).tolist())}
+    missing = [i for i in ids if i not in pos]
+    if missing:
+        raise UserError(f"{where}: {len(missing)} {split} rows have no cached image features in "
+                        f"{path_for(root, dataset, split)} (e.g. id {missing[0]}); rerun `dvc repro precompute_embeddings`")
+    return emb[torch.as_tensor([pos[i] for i in ids], dtype=torch.long)]
+
+
 # ---------------------------------------------------------------- computing
 
 

@@ -74,6 +74,11 @@ def scratch_dir(parent: str | os.PathLike, name: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def relative_path(target: str | os.PathLike, start: str | os.PathLike) -> str:
+    """``target`` relative to ``start`` (both resolved): how a saved model records a sibling folder."""
+    return os.path.relpath(Path(target).resolve(), Path(start).resolve())
+
+
 def write_bytes(dest: str | os.PathLike, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as f:

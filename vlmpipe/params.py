@@ -182,7 +182,8 @@ class SiglipParams:
     # -10 and must climb several units; at 10x it barely moved in a 12-epoch offline run (zero-shot
     # stayed at chance for 6 epochs), at 100x zero-shot reached 0.8 in 6.
     logit_lr_mult: float = 100.0
-    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=12, batch_size=128, lr=2e-3, warmup_ratio=0.05))
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=12, batch_size=128, lr=2e-3, warmup_ratio=0.05,
+                                                                   checkpoint_every=100))
 
     def validate(self, key: str) -> None:
         _check(self.backbone in ("resnet_small", "resnet18", "resnet50"), f"{key}.backbone", f"unknown backbone {self.backbone!r}")
@@ -241,21 +242,23 @@ class Phi2Params:
     prefix_tokens: int = 4
     # Hidden width of the prefix projector's MLP; 0: min(K*H/2, 2*R*D) (see models/projector.py).
     projector_hidden: int = 0
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = 32
+    lora_alpha: int = 64
     lora_dropout: float = 0.05
     use_rslora: bool = True
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
     # "sdpa" (PyTorch), "eager", or "flash_attention_2" (CUDA with flash-attn installed).
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = False
     max_new_tokens: int = 16
     # Text tokens per conversation (prefix not counted); whole turns beyond it are dropped.
     max_seq_len: int = 192
     # Held-out questions answered by greedy generation after each epoch (exact match); 0: none.
     eval_questions: int = 500
     # The learning rate is the top-level ``lr``.
-    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=2, batch_size=16, lr=2e-4, warmup_ratio=0.05, grad_clip=0.5))
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=2, batch_size=32, lr=1e-3, weight_decay=0.0,
+                                                                   warmup_ratio=0.05, grad_clip=0.5,
+                                                                   checkpoint_every=100))
 
     def validate(self, key: str) -> None:
         _check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")
@@ -286,14 +289,16 @@ class CaptionerParams:
     lm: str = "tiny"
     # Hub revision of a hub lm (a commit hash pins it).
     lm_revision: str = "main"
-    tiny: TinyLMParams = field(default_factory=TinyLMParams)
+    # No LM warm-up: the captioner fine-tunes its whole LM on the captions anyway.
+    tiny: TinyLMParams = field(default_factory=lambda: TinyLMParams(warmup_steps=0))
     prefix_tokens: int = 10
     # Hidden width of the prefix projector's MLP; 0: min(K*H/2, 2*R*D) (ClipCap's K*H/2 for small inputs).
     projector_hidden: int = 0
     freeze_lm: bool = False
     max_caption_tokens: int = 40
     beam_size: int = 3
-    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=6, batch_size=64, lr=1e-3, warmup_ratio=0.05))
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=6, batch_size=64, lr=1e-3, warmup_ratio=0.05,
+                                                                   checkpoint_every=100))
 
     def validate(self, key: str) -> None:
         _check(self.regions in (1, 5), f"{key}.regions", "must be 1 or 5")
@@ -325,7 +330,7 @@ class EvaluateParams:
 class Params:
     seed: int = 0
     # The Phi-2 QLoRA learning rate (top level so ``dvc exp run -S lr=...`` works).
-    lr: float = 2e-4
+    lr: float = 1e-3
     coco: CocoParams = field(default_factory=CocoParams)
     cifar: CifarParams = field(default_factory=CifarParams)
     qa: QaParams = field(default_factory=QaParams)

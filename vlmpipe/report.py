@@ -168,3 +168,30 @@ def gallery_html(captions: Sequence[CaptionExample], qa: Sequence[QAExample], me
     parts.append("</table>")
     write_text(out, "\n".join(parts) + "\n")
     return out
+
+
+def evaluation_reports(reports: Path, metrics: Mapping, qa_examples: Sequence, cap_examples: Sequence,
+                       gallery_images: int, coco_root: Path, cifar_root: Path) -> list[Path]:
+    """The evaluate stage's pictures: training curves, metrics beside baselines, and the gallery
+    (PNG and self-contained HTML) of ``gallery_images`` held-out examples per model."""
+    from vlmpipe.data.cifar import load_split
+    from vlmpipe.data.coco import CocoCaptions
+
+    plots = reports / "plots"
+    written = plot_curves({name: reports / name for name in ("siglip", "phi2_vlm", "captioner")}, plots)
+    sig, vqa, cap = metrics["siglip"], metrics["vqa"], metrics["captioner"]
+    written.append(plot_baselines([
+        ("SigLIP zero-shot", sig["zero_shot_acc"], sig["zero_shot_chance"]),
+        # (no retrieval over fewer than two held-out images: evaluate.max_images 1)
+        *([("SigLIP i2t R@1", sig["i2t_r1"], sig["r1_chance"])] if "i2t_r1" in sig else []),
+        ("VQA accuracy", vqa["accuracy"], vqa["blind_baseline"]),
+        ("CIDEr", cap["cider"], cap["baseline_cider"]),
+        ("BLEU-4", cap["bleu4"], cap["baseline_bleu4"]),
+    ], plots / "baselines.png"))
+    n = gallery_images
+    coco_val, cifar_test = CocoCaptions(coco_root, "val"), load_split(cifar_root, "test")
+    caps = [CaptionExample(coco_val.image(i), g, refs) for i, g, refs in cap_examples[:n]]
+    qa = [QAExample(Image.fromarray(cifar_test.images[idx]), label, [(q, a, t) for q, a, t, _ in turns])
+          for idx, label, turns in qa_examples[:n]]
+    return written + [gallery_png(caps, qa, reports / "gallery.png"),
+                      gallery_html(caps, qa, metrics, reports / "gallery.html")]

@@ -24,7 +24,7 @@ from typing import Callable
 
 import yaml
 
-from vlmpipe import hub
+from vlmpipe import hub, remote
 from vlmpipe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,39 +78,34 @@ def stage_needs(stage: str, p) -> list[Need]:
     from vlmpipe.download import default_download_dir
 
     out: list[Need] = []
-    if stage == "download_coco" and p.coco.source == "coco2017" and not p.coco.local_dir:
-        from vlmpipe.data.coco import OFFICIAL
-
+    if stage == "download_coco" and p.coco.source == "coco2017":
         ddir = default_download_dir() / "coco2017"
-        for name, (url, _, _) in OFFICIAL.items():
-            if p.coco.url:
-                url = p.coco.url.rstrip("/") + url.split("cocodataset.org", 1)[1]
-            out.append(_url_need("coco.url" if p.coco.url else "coco.source", name, ddir / name, url,
-                                 f"put {name} in {ddir}, or set coco.local_dir to a folder holding the "
-                                 "three archives, or coco.url to a mirror"))
-    if stage == "download_coco" and p.coco.source == "coco2017" and p.coco.local_dir:
-        from vlmpipe.data.coco import OFFICIAL
-
-        for name in OFFICIAL:
-            f = Path(p.coco.local_dir) / name
-            out.append(Need("coco.local_dir", str(f), f.is_file, lambda f=f: f"{f} does not exist"))
+        for name in remote.COCO_2017:
+            if p.coco.local_dir:
+                f = Path(p.coco.local_dir) / name
+                out.append(Need("coco.local_dir", str(f), f.is_file, lambda f=f: f"{f} does not exist"))
+            else:
+                out.append(_url_need("coco.url" if p.coco.url else "coco.source", name, ddir / name,
+                                     remote.coco_url(name, p.coco.url),
+                                     f"put {name} in {ddir}, or set coco.local_dir to a folder holding the "
+                                     "three archives, or coco.url to a mirror"))
     if stage == "build_cifar_qa_csv" and p.cifar.source == "cifar10":
-        from vlmpipe.data.cifar import URL
-
         if p.cifar.local_path:
             f = Path(p.cifar.local_path)
             out.append(Need("cifar.local_path", str(f), f.is_file, lambda: f"{f} does not exist"))
         else:
             dest = default_download_dir() / "cifar-10-python.tar.gz"
-            out.append(_url_need("cifar.url" if p.cifar.url else "cifar.source", dest.name, dest, p.cifar.url or URL,
+            out.append(_url_need("cifar.url" if p.cifar.url else "cifar.source", dest.name, dest,
+                                 p.cifar.url or remote.CIFAR_10[0],
                                  f"put {dest.name} in {dest.parent}, or set cifar.local_path to a copy of it, "
                                  "or cifar.url to a mirror"))
     if stage == "train_siglip":
-        if p.siglip.pretrained and p.siglip.backbone != "resnet_small":
-            from vlmpipe.models.image_tower import IMAGENET_WEIGHTS, weights_file
+        if p.siglip.pretrained and p.siglip.backbone in remote.IMAGENET_WEIGHTS:
+            import torch
 
-            f = weights_file(p.siglip.backbone)
-            out.append(_url_need("siglip.pretrained", f.name, f, IMAGENET_WEIGHTS[p.siglip.backbone].url,
+            url = remote.IMAGENET_WEIGHTS[p.siglip.backbone]
+            f = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name  # where torchvision caches it
+            out.append(_url_need("siglip.pretrained", f.name, f, url,
                                  f"put {f.name} in {f.parent} (or set TORCH_HOME), or set siglip.pretrained: false"))
         if _is_hub(p.siglip.text_encoder):
             out.append(_hub_need("siglip.text_encoder", p.siglip.text_encoder, p.siglip.text_encoder_revision))

@@ -23,15 +23,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from vlmpipe import remote
 from vlmpipe.download import default_download_dir, download, safe_extract, verify_file
 from vlmpipe.errors import UserError
 from vlmpipe.data import shapes
 
 log = logging.getLogger(__name__)
 
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-MD5 = "c58f30108f718f92721af3b95e74349a"
-SIZE = 170498071
+URL, SIZE, MD5 = remote.CIFAR_10
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"

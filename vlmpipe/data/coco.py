@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vlmpipe import remote
 from vlmpipe.data import shapes
 from vlmpipe.download import default_download_dir, download, open_zip, verify_file
 from vlmpipe.errors import UserError
@@ -48,12 +49,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
-# name -> (url, size in bytes, md5), as published for COCO 2017.
-OFFICIAL = {
-    ANNOTATIONS_ZIP: ("http://images.cocodataset.org/annotations/annotations_trainval2017.zip", 252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
-    "train2017.zip": ("http://images.cocodataset.org/zips/train2017.zip", 19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
-    "val2017.zip": ("http://images.cocodataset.org/zips/val2017.zip", 815585330, "442b8da7639aecaf257c1dceb8ba8c80"),
-}
+OFFICIAL = remote.COCO_2017  # name -> (url, size in bytes, md5), as published
 # A fixed timestamp makes the zips we write byte-identical across runs.
 _ZIP_TIME = (2017, 1, 1, 0, 0, 0)
 _INFO = {
@@ -129,10 +125,8 @@ def download_official(download_dir: str | os.PathLike | None = None, base_url: s
     serving other bytes).
     """
     ddir = Path(download_dir) if download_dir else default_download_dir() / "coco2017"
-    for name, (url, size, md5) in OFFICIAL.items():
-        if base_url:
-            url = base_url.rstrip("/") + url.split("cocodataset.org", 1)[1]
-        download(url, ddir / name, size=size if verify else None, md5=md5 if verify else None,
+    for name, (_, size, md5) in OFFICIAL.items():
+        download(remote.coco_url(name, base_url or ""), ddir / name, size=size if verify else None, md5=md5 if verify else None,
                  key="coco.url" if base_url else "coco.source",
                  hint=f"put {name} in {ddir}, set coco.local_dir to a folder holding the three archives, "
                       "or coco.url to a mirror" + ("" if not verify else " (coco.verify: false if its bytes differ)"))

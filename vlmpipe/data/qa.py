@@ -189,8 +189,7 @@ def write_qa_csv(dest: str | os.PathLike, cifar_root: str | os.PathLike, seed: i
         rows += generate_rows(load_split(cifar_root, split), split, seed, questions_per_image)
     write_text(dest, _to_csv(rows))
     df = _frame(rows)
-    log.info("%s: %d rows; blind baseline (most frequent train answer per question) on test: %.3f",
-             dest, len(df), blind_baseline(df[df.Split == "train"], df[df.Split == "test"]))
+    log.info("%s: %d rows", dest, len(df))
     return df
 
 
@@ -209,15 +208,6 @@ def qa_pairs(df: pd.DataFrame) -> list[tuple[int, str, str, str, str]]:
             if d[q]:
                 out.append((d["Dataset_Index"], d["Split"], d[q], d[a], d[t]))
     return out
-
-
-def blind_baseline(train: pd.DataFrame, test: pd.DataFrame) -> float:
-    """Accuracy on ``test`` of answering each question with its most frequent training answer
-    (the same baseline, and the same answer normalisation, that ``evaluate`` reports)."""
-    from vlmpipe.evaluation import BlindBaseline, vqa_accuracy
-
-    blind = BlindBaseline((q, a, t) for _, _, q, a, t in qa_pairs(train))
-    return vqa_accuracy([(blind(q, t), a, t) for _, _, q, a, t in qa_pairs(test)])["accuracy"]
 
 
 def class_prompts(label_names: list[str]) -> list[str]:

@@ -1,0 +1,94 @@
+"""dvc.yaml lists, for every stage, exactly the project's Python files the stage imports.
+
+DVC reruns a stage when one of its deps changes. A module the stage imports but does not list
+means a change there (a default, a bug fix) is never seen; a listed module it does not import
+means editing it (say, the CLI) retrains models for nothing. The closure is computed from the
+sources: every ``import``/``from ... import`` of ``vlmpipe`` anywhere in a file (function-level
+ones too), followed through the files they name. Package ``__init__.py`` files hold nothing and
+are left out.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _module_file(name: str) -> Path | None:
+    path = ROOT.joinpath(*name.split("."))
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    return None  # a package (its __init__ holds nothing) or not ours
+
+
+def _imports(py: Path) -> set[Path]:
+    out: set[Path] = set()
+    for node in ast.walk(ast.parse(py.read_text(), str(py))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name == "vlmpipe" or name.startswith("vlmpipe."):
+                f = _module_file(name)
+                if f is not None:
+                    out.add(f)
+    return out
+
+
+def closure(script: Path) -> set[str]:
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        todo += sorted(_imports(f) - seen)
+    return {str(f.relative_to(ROOT)) for f in seen}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_deps_are_exactly_the_import_closure(stage):
+    spec = STAGES[stage]
+    script = ROOT / spec["cmd"].split()[-1]
+    want = closure(script)
+    listed = {d for d in spec["deps"] if d.endswith(".py")}
+    assert not want - listed, f"{stage}: imports but does not list {sorted(want - listed)}"
+    assert not listed - want, f"{stage}: lists but does not import {sorted(listed - want)}"
+
+
+def test_closures_stay_tight():
+    """A data stage reaches no model, training or evaluation code; evaluate no training loop;
+    the command line reaches no stage."""
+    for stage in ("download_coco", "build_cifar_qa_csv"):
+        deps = closure(ROOT / STAGES[stage]["cmd"].split()[-1])
+        assert not [d for d in deps if "/models/" in d or d.endswith(("train.py", "heldout.py", "evaluation.py"))], deps
+    assert "vlmpipe/train.py" not in closure(ROOT / "stages/evaluate.py")
+    assert not [d for d in closure(ROOT / "stages/evaluate.py") if "pipeline/train_" in d or "tiny" in d]
+    # A training stage reaches its own model, not the others'.
+    assert "vlmpipe/models/qa_model.py" not in closure(ROOT / "stages/train_gpt2_captioner.py")
+    assert "vlmpipe/models/captioner.py" not in closure(ROOT / "stages/train_phi2_qlora.py")
+    for stage, spec in STAGES.items():
+        assert "vlmpipe/cli.py" not in spec["deps"] and "vlmpipe/__main__.py" not in spec["deps"], stage
+
+
+def test_models_import_no_training_loop_dataloader_or_argparse():
+    for f in sorted((ROOT / "vlmpipe/models").glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        banned = {n for n in names if n in ("vlmpipe.train", "argparse", "torch.utils.data.DataLoader")
+                  or n.startswith(("vlmpipe.pipeline", "vlmpipe.train."))}
+        assert not banned, f"{f.name} imports {sorted(banned)}"
+        assert "DataLoader(" not in f.read_text(), f.name

@@ -1,0 +1,32 @@
+"""Where the full preset's downloads come from: the published addresses, sizes and checksums.
+
+One table, read by the stages that download (``data/coco.py``, ``data/cifar.py``,
+``models/image_tower.py``) and by the preflight that checks them early (``sources.py``);
+keeping it here means checking a URL does not import the code that uses it.
+"""
+from __future__ import annotations
+
+# COCO 2017: name -> (url, size in bytes, md5), as published.
+COCO_2017 = {
+    "annotations_trainval2017.zip": ("http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
+                                     252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
+    "train2017.zip": ("http://images.cocodataset.org/zips/train2017.zip", 19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
+    "val2017.zip": ("http://images.cocodataset.org/zips/val2017.zip", 815585330, "442b8da7639aecaf257c1dceb8ba8c80"),
+}
+COCO_HOST = "cocodataset.org"  # a mirror's base URL replaces everything up to the path after this
+
+# CIFAR-10, python version.
+CIFAR_10 = ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", 170498071, "c58f30108f718f92721af3b95e74349a")
+
+# The ImageNet weights each torchvision backbone starts from (torchvision's IMAGENET1K_V2 for
+# ResNet-50, V1 for ResNet-18); the file name ends in the first digits of its sha256.
+IMAGENET_WEIGHTS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+}
+
+
+def coco_url(name: str, mirror: str = "") -> str:
+    """The URL of COCO file ``name``, at ``mirror`` (a base URL) when given."""
+    url = COCO_2017[name][0]
+    return mirror.rstrip("/") + url.split(COCO_HOST, 1)[1] if mirror else url
