@@ -223,3 +223,19 @@ def test_mlflow_run_gets_curves_metrics_and_artifacts(tmp_path):
     final = [m for m, s in run.metrics if "final/val_mse" in m]
     assert final and final[0]["final/steps"] == 24
     assert sorted(run.artifacts) == ["metrics.json", "train_curve.csv", "val_curve.csv"]
+
+
+def test_cpu_kernels_are_pinned_for_cross_machine_reproducibility():
+    """A stage imports vlmpipe before torch: PyTorch then dispatches to its AVX2 kernels, whatever
+    wider ones the CPU has (the default run is only byte-identical across CPU kinds that way)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")}
+    code = "import vlmpipe, os, torch; print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] in ("AVX2", "DEFAULT") and out[1] == "AVX2", out  # DEFAULT: a CPU without AVX2
+    env["ATEN_CPU_CAPABILITY"] = "default"  # the user's choice wins
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "DEFAULT"
