@@ -8,8 +8,9 @@ AVX-512 or AMX code paths wherever the CPU has them, and their other summation o
 same training run on one kind of CPU end with other weights than on another (measured on the
 offline default: SigLIP image→text R@1 0.869 against 0.877, QA exact match 0.894 against
 0.843). Pinned, a run on any x86-64 CPU with AVX2 and the same thread count reproduces the
-committed models byte for byte; on this project's 2-core CPUs the AVX2 kernels were not slower.
-Export ``ATEN_CPU_CAPABILITY=avx512`` (and the others) to choose speed over that.
+committed models byte for byte. It costs speed where wider kernels exist (measured on an AVX-512
+CPU: training steps 1.23x slower, ``benchmarks/bench_cpu_kernels.py``); export
+``ATEN_CPU_CAPABILITY=avx512`` (and the others) to choose speed over that.
 """
 import os
 
