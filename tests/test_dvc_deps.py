@@ -4,8 +4,8 @@ DVC reruns a stage when one of its deps changes. A module the stage imports but 
 means a change there (a default, a bug fix) is never seen; a listed module it does not import
 means editing it (say, the CLI) retrains models for nothing. The closure is computed from the
 sources: every ``import``/``from ... import`` of ``vlmpipe`` anywhere in a file (function-level
-ones too), followed through the files they name. Package ``__init__.py`` files hold nothing and
-are left out.
+ones too), followed through the files they name, package ``__init__.py`` files included (they run
+on import; ``vlmpipe/__init__.py`` pins the CPU kernels, which changes every trained number).
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def _module_file(name: str) -> Path | None:
-    path = ROOT.joinpath(*name.split("."))
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    return None  # a package (its __init__ holds nothing) or not ours
+def _module_files(name: str) -> set[Path]:
+    """The files that importing ``name`` runs: the module and every package ``__init__`` above it."""
+    parts = name.split(".")
+    out = {ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts) + 1)}
+    out.add(ROOT.joinpath(*parts).with_suffix(".py"))
+    return {f for f in out if f.is_file()}
 
 
 def _imports(py: Path) -> set[Path]:
@@ -37,9 +38,7 @@ def _imports(py: Path) -> set[Path]:
             continue
         for name in names:
             if name == "vlmpipe" or name.startswith("vlmpipe."):
-                f = _module_file(name)
-                if f is not None:
-                    out.add(f)
+                out |= _module_files(name)
     return out
 
 
