@@ -54,14 +54,14 @@ def main() -> None:
 
 
 def _embed_all(p, rank: int, device) -> None:
-    bs = p.embeddings.batch_size
+    bs, workers = p.embeddings.batch_size, p.embeddings.num_workers
     siglip = load_siglip(SIGLIP, device)
     siglip_id = E.encoder_identity("siglip", siglip.image_tower)
 
     for split in ("train", "test"):
         data = load_split(CIFAR, split)
-        emb = E.embed_sharded(E.siglip_encoder(siglip, 1), range(len(data)), lambda i: data.images[i], bs,
-                              desc=f"cifar {split}")
+        emb = E.embed_sharded(E.siglip_encoder(siglip, 1), range(len(data)), data.images.__getitem__, bs,
+                              desc=f"cifar {split}")  # in memory already: no workers
         if rank == 0:
             path = E.save(OUT, "cifar", split, list(range(len(data))), emb, siglip_id)
             log.info("%s: %s from %s@%s", path, tuple(emb.shape), siglip_id["name"], siglip_id["hash"])
@@ -73,7 +73,7 @@ def _embed_all(p, rank: int, device) -> None:
         fn, ident = E.clip_encoder(name, regions, device, p.captioner.vision_encoder_revision)
     for split in ("train", "val"):
         coco = CocoCaptions(COCO, split)
-        emb = E.embed_sharded(fn, coco.ids, coco.image, bs, desc=f"coco {split}")
+        emb = E.embed_sharded(fn, coco.ids, coco.image, bs, desc=f"coco {split}", num_workers=workers)
         if rank == 0:
             path = E.save(OUT, "coco", split, coco.ids, emb, ident)
             log.info("%s: %s from %s@%s", path, tuple(emb.shape), ident["name"], ident["hash"])

@@ -26,7 +26,7 @@ from vlmpipe.params import flatten, load_params, to_dict
 from vlmpipe.runtime import seed_everything
 from vlmpipe.sources import preflight
 from vlmpipe.tracking import stage_run
-from vlmpipe.train import setup_distributed, shutdown_distributed
+from vlmpipe.train import mfu_text, setup_distributed, shutdown_distributed
 
 COCO, EMBEDDINGS, SIGLIP = Path("data/coco"), Path("data/embeddings"), Path("models/siglip")
 OUT, CKPT, REPORTS = Path("models/captioner"), Path("models/checkpoints/captioner"), Path("reports/captioner")
@@ -46,9 +46,9 @@ def main() -> None:
                                        siglip_dir=SIGLIP, out_dir=OUT, ckpt_dir=CKPT, report_dir=REPORTS, run=run)
         if rank == 0:
             run.log_artifact(OUT / "model.json")
-            log.info("captioner done in %.0fs (%d ranks): val_loss %.4f, %.0f samples/s, %.0f tokens/s",
+            log.info("captioner done in %.0fs (%d ranks): val_loss %.4f, %.0f samples/s, %.0f tokens/s, MFU %s",
                      time.perf_counter() - t0, world, res.metrics.get("val_loss", float("nan")),
-                     res.samples_per_s, res.tokens_per_s)
+                     res.samples_per_s, res.tokens_per_s, mfu_text(res.speed))
     shutdown_distributed()
 
 

@@ -28,7 +28,7 @@ from vlmpipe.params import flatten, load_params, to_dict  # noqa: E402
 from vlmpipe.runtime import seed_everything  # noqa: E402
 from vlmpipe.sources import preflight  # noqa: E402
 from vlmpipe.tracking import stage_run  # noqa: E402
-from vlmpipe.train import setup_distributed, shutdown_distributed  # noqa: E402
+from vlmpipe.train import mfu_text, setup_distributed, shutdown_distributed  # noqa: E402
 
 CIFAR, CSV = Path("data/cifar"), Path("data/cifar_qa.csv")
 OUT, CKPT, REPORTS = Path("models/siglip"), Path("models/checkpoints/siglip"), Path("reports/siglip")
@@ -49,9 +49,9 @@ def main() -> None:
             run.log_artifact(OUT / "config.json")
             m = res.metrics
             log.info("siglip done in %.0fs (%d ranks): zero-shot %.3f (chance %.3f), i2t R@1 %.3f, t2i R@1 %.3f "
-                     "(chance %.3f); %.0f samples/s", time.perf_counter() - t0, world, m.get("zero_shot_acc", 0),
+                     "(chance %.3f); %.0f samples/s, MFU %s", time.perf_counter() - t0, world, m.get("zero_shot_acc", 0),
                      m.get("zero_shot_chance", 0), m.get("i2t_r1", 0), m.get("t2i_r1", 0), m.get("r1_chance", 0),
-                     res.samples_per_s)
+                     res.samples_per_s, mfu_text(res.speed))
     shutdown_distributed()
 
 

@@ -100,3 +100,33 @@ def test_two_ranks_match_one_process_and_shard_embeddings(tiny_repo, tmp_path):
     torch.testing.assert_close(got.embeddings[:, 0].float(), model.encode_images(test.images), atol=2e-3, rtol=0)
     coco = E.load(two / "data/embeddings", "coco", "val", expect_encoder=ident)
     assert coco.embeddings.shape[1:] == (5, 64)
+
+
+def test_two_machines_train_what_one_process_trains(tiny_repo, tmp_path):
+    """`launch.nnodes: 2`: two launchers with --node, as on two machines, meet at a c10d rendezvous on
+    loopback (1 process each) and train train_siglip with the global batch of one process. Same bound
+    as above, for the same reasons: the mathematics is one process's; float noise grows with steps."""
+    import socket
+
+    one, two = tmp_path / "one", tmp_path / "nodes"
+    for d in (one, two):
+        shutil.copytree(tiny_repo, d)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = yaml.safe_load((two / "params.yaml").read_text())
+    params["launch"].update(nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_timeout=120)
+    (two / "params.yaml").write_text(yaml.safe_dump(params))
+    _run(one, "train_siglip.py", 1)
+    cmd = [sys.executable, "-m", "vlmpipe.launch", "--node", str(REPO / "stages/train_siglip.py")]
+    env = {**_env(), "PYTHONPATH": str(REPO)}
+    nodes = [subprocess.Popen(cmd, cwd=two, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [e[-2000:] for _, e in outs]
+    a, b = _curve(one), _curve(two)
+    assert len(a) == len(b) == 12
+    assert a[:2] == pytest.approx(b[:2], rel=1e-5)
+    assert a == pytest.approx(b, rel=5e-2)
+    speed = json.loads((two / "reports/speed/siglip.json").read_text())
+    assert speed["world_size"] == 2

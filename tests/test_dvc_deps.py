@@ -42,9 +42,9 @@ def _imports(py: Path) -> set[Path]:
     return out
 
 
-def closure(script: Path) -> set[str]:
+def closure(*scripts: Path) -> set[str]:
     seen: set[Path] = set()
-    todo = [script]
+    todo = list(scripts)
     while todo:
         f = todo.pop()
         if f in seen:
@@ -54,11 +54,18 @@ def closure(script: Path) -> set[str]:
     return {str(f.relative_to(ROOT)) for f in seen}
 
 
+def cmd_closure(cmd: str) -> set[str]:
+    """What a stage's command runs: its script, and the launcher when it goes through one."""
+    roots = [ROOT / cmd.split()[-1]]
+    if "-m vlmpipe.launch" in cmd:
+        roots += sorted(_module_files("vlmpipe.launch"))
+    return closure(*roots)
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_deps_are_exactly_the_import_closure(stage):
     spec = STAGES[stage]
-    script = ROOT / spec["cmd"].split()[-1]
-    want = closure(script)
+    want = cmd_closure(spec["cmd"])
     listed = {d for d in spec["deps"] if d.endswith(".py")}
     assert not want - listed, f"{stage}: imports but does not list {sorted(want - listed)}"
     assert not listed - want, f"{stage}: lists but does not import {sorted(listed - want)}"
@@ -91,3 +98,16 @@ def test_models_import_no_training_loop_dataloader_or_argparse():
                   or n.startswith(("vlmpipe.pipeline", "vlmpipe.train."))}
         assert not banned, f"{f.name} imports {sorted(banned)}"
         assert "DataLoader(" not in f.read_text(), f.name
+
+
+GPU_STAGES = ("train_siglip", "precompute_embeddings", "train_phi2_qlora", "train_gpt2_captioner")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_gpu_stages_run_through_the_launcher_and_record_its_counts(stage):
+    """`dvc exp run -S launch.nproc_per_node=4` must reach the GPU stages and rerun them (dvc.lock records
+    the counts); the data stages and evaluate run one process and must not rerun when the count changes."""
+    spec = STAGES[stage]
+    launched = spec["cmd"].startswith("python -m vlmpipe.launch stages/")
+    counts = {"launch.nproc_per_node", "launch.nnodes"} <= set(spec.get("params", []))
+    assert launched == counts == (stage in GPU_STAGES), (stage, spec["cmd"], spec.get("params"))

@@ -119,3 +119,20 @@ def test_metrics_diff_shows_changed_metrics(experiment, tiny_repo):
     revs = [rev for r in shown if r["rev"] != "workspace" for g in r["experiments"] or [] for rev in g["revs"]]
     (exp_rev,) = [rev for rev in revs if rev["name"] == ex.name]
     assert "reports/phi2_vlm/metrics.json" in exp_rev["data"]["metrics"]
+
+
+def test_quality_diff_leaves_the_timings_out(experiment, tiny_repo):
+    """Speed lives in reports/speed/: a diff of the quality files shows no throughput or MFU, and the
+    speed files are there to diff on their own."""
+    if not tiny_repo.full_dag:
+        pytest.skip("needs the whole tiny DAG")
+    ex = experiment
+    quality = ["reports/metrics.json", "reports/siglip", "reports/phi2_vlm", "reports/captioner"]
+    diff = json.loads(servers.run(["dvc", "metrics", "diff", "--json", "--targets", *quality], cwd=ex.repo,
+                                  env=ex.env).stdout)
+    keys = [k for f in diff.values() for k in f]
+    assert "reports/phi2_vlm/metrics.json" in diff and keys
+    assert not [k for k in keys if "per_s" in k or "seconds" in k or "mfu" in k], keys
+    speed = json.loads(servers.run(["dvc", "metrics", "diff", "--json", "--targets", "reports/speed"], cwd=ex.repo,
+                                   env=ex.env).stdout)
+    assert "tokens_per_s" in speed.get("reports/speed/phi2_vlm.json", {}), speed

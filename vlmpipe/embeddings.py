@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -164,15 +164,24 @@ def features_for(root: str | os.PathLike, dataset: str, split: str, ids: Sequenc
 def embed_images(encoder_fn: Callable[[list], torch.Tensor], images: Iterable, batch_size: int,
                  total: int | None = None, desc: str = "embed", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``encoder_fn(list of images) -> [b, ...]`` over ``images`` in batches, without gradients."""
-    out, buf = [], []
+    return _embed_batches(encoder_fn, _batched(images, batch_size), total, desc, dtype)
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    buf = []
+    for x in items:
+        buf.append(x)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _embed_batches(encoder_fn, batches: Iterable[list], total: int | None, desc: str, dtype: torch.dtype) -> torch.Tensor:
+    out = []
     with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", mininterval=1.0, dynamic_ncols=True) as bar:
-        for img in images:
-            buf.append(img)
-            if len(buf) == batch_size:
-                out.append(encoder_fn(buf).detach().cpu().to(dtype))
-                bar.update(len(buf))
-                buf = []
-        if buf:
+        for buf in batches:
             out.append(encoder_fn(buf).detach().cpu().to(dtype))
             bar.update(len(buf))
     if not out:
@@ -180,15 +189,31 @@ def embed_images(encoder_fn: Callable[[list], torch.Tensor], images: Iterable, b
     return torch.cat(out)
 
 
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, get_image: Callable[[int], object], ids: Sequence[int]) -> None:
+        self.get_image, self.ids = get_image, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        return self.get_image(self.ids[i])
+
+
 def embed_sharded(encoder_fn: Callable[[list], torch.Tensor], ids: Sequence[int], get_image: Callable[[int], object],
-                  batch_size: int, desc: str, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                  batch_size: int, desc: str, dtype: torch.dtype = torch.float16, num_workers: int = 0) -> torch.Tensor:
     """Embeddings of ``get_image(id)`` for every id, in ``ids`` order. Under torchrun each rank embeds
-    ids[rank::world] and every rank receives the full result (rank 0 writes it)."""
+    ids[rank::world] and every rank receives the full result (rank 0 writes it). ``num_workers`` > 0
+    reads and decodes the images (JPEGs from the COCO zips) in that many worker processes, in order."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     mine = list(ids)[rank::world]
-    emb = embed_images(encoder_fn, (get_image(i) for i in mine), batch_size, total=len(mine),
-                       desc=desc if world == 1 else f"{desc} [rank {rank}]", dtype=dtype)
+    if num_workers > 0:
+        batches: Iterable[list] = torch.utils.data.DataLoader(_Images(get_image, mine), batch_size=batch_size,
+                                                              num_workers=num_workers, collate_fn=list)
+    else:
+        batches = _batched((get_image(i) for i in mine), batch_size)
+    emb = _embed_batches(encoder_fn, batches, len(mine), desc if world == 1 else f"{desc} [rank {rank}]", dtype)
     if world == 1:
         return emb
     parts: list = [None] * world

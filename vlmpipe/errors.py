@@ -55,13 +55,13 @@ def stage_entry(fn: Callable[..., object]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         setup_logging()
         try:
-            fn(*args, **kwargs)
+            rc = fn(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
-        return 0
+        return rc if isinstance(rc, int) else 0
 
     return wrapper

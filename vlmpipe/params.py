@@ -144,6 +144,14 @@ class TrainParams:
     # Matmul precision: "auto" is bf16 autocast on CUDA (and bf16 4-bit compute for QLoRA),
     # fp32 on a CPU; "bf16" or "fp32" force one (bf16 on a CPU rehearses the CUDA choice).
     precision: str = "auto"
+    # CUDA fast paths (no effect on a CPU): TF32 tensor cores for fp32 matmuls and convolutions;
+    # AdamW's fused kernel. Both change the last bits of the numbers; switch off to compare.
+    tf32: bool = True
+    fused_adamw: bool = True
+    # torch.compile the model for training (any device; the first steps pay for compilation).
+    compile: bool = False
+    # DataLoader worker processes (persistent, pinned memory on CUDA); 0 reads in the training process.
+    num_workers: int = 0
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
@@ -156,6 +164,7 @@ class TrainParams:
         _check(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0")
         _check(self.device in ("auto", "cpu", "cuda"), f"{key}.device", "must be 'auto', 'cpu' or 'cuda'")
         _check(self.precision in ("auto", "fp32", "bf16"), f"{key}.precision", "must be 'auto', 'fp32' or 'bf16'")
+        _check(0 <= self.num_workers <= 64, f"{key}.num_workers", "must be between 0 and 64")
 
 
 @dataclass
@@ -203,9 +212,12 @@ class SiglipParams:
 class EmbeddingsParams:
     batch_size: int = 256
     device: str = "auto"
+    # Processes reading and decoding the images (COCO JPEGs from the zips); 0: the stage's own.
+    num_workers: int = 0
 
     def validate(self, key: str) -> None:
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _check(0 <= self.num_workers <= 64, f"{key}.num_workers", "must be between 0 and 64")
         _check(self.device in ("auto", "cpu", "cuda"), f"{key}.device", "must be 'auto', 'cpu' or 'cuda'")
 
 
@@ -327,6 +339,36 @@ class EvaluateParams:
 
 
 @dataclass
+class LaunchParams:
+    """How many processes the GPU stages run (``python -m vlmpipe.launch``, see vlmpipe/launch.py)."""
+
+    # Processes per machine (one per GPU); 1 runs the stage script as it is, without torchrun.
+    nproc_per_node: int = 1
+    # Machines. More than 1 joins a c10d rendezvous at rdzv_endpoint (the first machine's host:port).
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
+    # Seconds to wait for the rendezvous endpoint to answer and for every machine to join.
+    rdzv_timeout: int = 60
+    # "none": start the other machines' launchers yourself (``python -m vlmpipe.launch --node ...``);
+    # "srun": the launcher starts one per machine through SLURM's srun (inside an sbatch allocation).
+    fanout: str = "none"
+
+    def validate(self, key: str) -> None:
+        _check(self.nproc_per_node >= 1, f"{key}.nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
+        _check(self.nnodes >= 1, f"{key}.nnodes", f"must be >= 1, got {self.nnodes}")
+        _check(self.rdzv_timeout >= 1, f"{key}.rdzv_timeout", "must be >= 1 (seconds)")
+        _check(self.fanout in ("none", "srun"), f"{key}.fanout", f"must be 'none' or 'srun', got {self.fanout!r}")
+        if self.nnodes > 1:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, f"{key}.rdzv_endpoint",
+                   f"must be host:port of the first machine when nnodes > 1, got {self.rdzv_endpoint!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass
 class Params:
     seed: int = 0
     # The Phi-2 QLoRA learning rate (top level so ``dvc exp run -S lr=...`` works).
@@ -339,11 +381,22 @@ class Params:
     phi2: Phi2Params = field(default_factory=Phi2Params)
     captioner: CaptionerParams = field(default_factory=CaptionerParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    launch: LaunchParams = field(default_factory=LaunchParams)
 
     def validate(self, key: str = "") -> None:
         # numpy's legacy seeding takes 32 bits; larger seeds would overflow inside the stage.
         _check(0 <= self.seed < 2**32, "seed", f"must be between 0 and {2**32 - 1}")
         _check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
+
+    def check_world(self) -> None:
+        """Every training stage's global batch splits evenly over launch's processes: checked when
+        params load, so a bad count stops the first stage, before any work, not the third after hours."""
+        world = self.launch.world_size
+        for name in ("siglip", "phi2", "captioner"):
+            t = getattr(self, name).train
+            _check(t.batch_size % (world * t.grad_accum) == 0, f"{name}.train.batch_size",
+                   f"{t.batch_size} is not divisible by processes x grad_accum = {world} x {t.grad_accum} "
+                   f"(launch.nproc_per_node {self.launch.nproc_per_node} x launch.nnodes {self.launch.nnodes})")
 
 
 def _describe(value: Any) -> str:
@@ -429,6 +482,7 @@ def from_dict(data: dict) -> Params:
         raise UserError("phi2.train.lr: not used; the Phi-2 QLoRA learning rate is the top-level key lr")
     params = _build(Params, data, "")
     params.phi2.train.lr = params.lr
+    params.check_world()
     return params
 
 

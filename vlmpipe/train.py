@@ -10,8 +10,10 @@ One visible loop in ``fit`` (nanoGPT-style), not a framework. A stage builds a
 
 Contract:
 
-- ``task.model.forward(batch: dict) -> dict(loss=Tensor, samples=int, tokens=int)``;
-  ``tokens`` may be 0 (then tokens/s is not shown). Only parameters with
+- ``task.model.forward(batch: dict) -> dict(loss=Tensor, samples=int, tokens=int|Tensor)``;
+  ``tokens`` may be 0 (then tokens/s is not shown) or a device tensor (read at the next flush, not
+  per step). A model with ``train_flops(batch) -> int`` (the FLOPs of forward + backward,
+  ``vlmpipe/flops.py``) gets MFU reported. Only parameters with
   ``requires_grad`` are optimized and checkpointed (plus persistent buffers,
   e.g. BatchNorm statistics, which training also changes).
 - ``cfg.batch_size`` is the GLOBAL number of samples per optimizer step. Each
@@ -21,8 +23,14 @@ Contract:
 - Data order: a permutation per epoch from ``torch.Generator`` seeded with
   ``seed + epoch``, so the position (epoch, batch) fully determines the next
   batch and a resumed run sees the same batches. A dataset with ``set_epoch``
-  gets it called at each epoch start (for per-epoch choices such as which of
-  an image's texts to use, made deterministically from seed, epoch and index).
+  gets it called, in the process that reads it, before its first item of an
+  epoch (for per-epoch choices such as which of an image's texts to use, made
+  deterministically from seed, epoch and index). ``cfg.num_workers`` > 0 reads
+  batches in persistent worker processes (pinned memory on CUDA).
+- Speed apart from quality: ``report_dir/metrics.json`` holds the last evaluation;
+  ``report_dir/../speed/<report_dir name>.json`` samples/s, tokens/s, model TFLOP/s per device
+  and MFU (``reports/siglip`` → ``reports/speed/siglip.json``).
+  The host reads losses from the device every ``log_every`` steps, not per step.
 - ``task.param_groups(model, lr)`` may return optimizer groups (group 0 is the
   one whose lr is logged); default: weight decay on matrices only.
 - ``task.evaluate(model, epoch)`` runs after every epoch on rank 0, on the
@@ -50,7 +58,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,7 +87,6 @@ class TrainTask:
     param_groups: Callable[[nn.Module, float], list[dict]] | None = None
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
     optimizer: str = "adamw"  # or "paged_adamw" (bitsandbytes PagedAdamW32bit, CUDA only)
-    num_workers: int = 0  # DataLoader worker processes
 
 
 @dataclass
@@ -91,6 +98,7 @@ class FitResult:
     train_seconds: float = 0.0
     resumed_from_step: int = 0
     final_loss: float = math.nan  # the last optimizer step's training loss
+    speed: dict = field(default_factory=dict)  # what report_dir/speed.json holds (throughput, MFU)
 
 
 # --------------------------------------------------------------------- distributed
@@ -358,7 +366,10 @@ def _optimizer(kind: str, groups: list[dict], cfg: TrainParams, device: torch.de
         log.info("paged_adamw needs CUDA; using torch AdamW on %s", device)
     elif kind != "adamw":
         raise ValueError(f"unknown optimizer {kind!r}")
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Fused: one kernel for all parameters instead of several per tensor (CUDA; on a CPU the
+    # default implementation keeps the offline default's numbers).
+    fused = bool(cfg.fused_adamw and device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
@@ -381,9 +392,73 @@ def _epoch_batches(n: int, cfg: TrainParams, seed: int, epoch: int, first: int, 
     return out
 
 
+class _EpochBatches:
+    """The loader's batch sampler: the micro-batches of the epoch (and start) last set, as
+    ``(epoch, index)`` keys. One loader serves the whole run, so its workers persist."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def set(self, epoch: int, batches: list[list[int]]) -> None:
+        self.batches = [[(epoch, i) for i in b] for b in batches]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _EpochIndexed(Dataset):
+    """``data[(epoch, i)]`` → ``data[i]`` after ``data.set_epoch(epoch)`` when the epoch changed.
+
+    A dataset with per-epoch choices (which of an image's texts) must see the epoch in the process
+    that reads it: a persistent worker holds its own copy, which a ``set_epoch`` in the main process
+    would never reach.
+    """
+
+    def __init__(self, data: Dataset) -> None:
+        self.data, self.epoch = data, None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        if epoch != self.epoch and hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
+        self.epoch = epoch
+        return self.data[i]
+
+
+def mfu_text(speed: dict) -> str:
+    """``12.3% of 989 TFLOP/s (H100 ... datasheet)`` for logs; ``n/a`` without a FLOPs formula or peak."""
+    if speed.get("mfu") is None:
+        return "n/a"
+    return f"{100 * speed['mfu']:.1f}% of {speed['peak_tflops']:g} TFLOP/s ({speed['peak_source']})"
+
+
+def _speed(seen: dict, world: int, device: torch.device, amp_dtype: torch.dtype) -> dict:
+    """Throughput and MFU over ``seen`` (summed over ranks): FLOPs per second per device over its peak."""
+    from vlmpipe import flops as F
+
+    sec = max(seen["seconds"], 1e-9)
+    out = {"samples_per_s": round(seen["samples"] / sec, 2), "train_seconds": round(seen["seconds"], 2),
+           "world_size": world, "device": F.device_name(device)}
+    if seen["tokens"]:
+        out["tokens_per_s"] = round(seen["tokens"] / sec, 2)
+    if seen["flops"]:
+        peak, source = F.peak_flops(device, amp_dtype)
+        achieved = seen["flops"] / sec / world
+        out.update(model_tflops_per_device=round(achieved / 1e12, 4), peak_tflops=round(peak / 1e12, 3),
+                   peak_source=source, mfu=round(achieved / peak, 4) if peak == peak else None)
+    return out
+
+
 def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_dir: Path,
         identity: dict, run: Any = None) -> FitResult:
     ckpt_dir, report_dir = Path(ckpt_dir), Path(report_dir)
+    speed_file = report_dir.parent / "speed" / f"{report_dir.name}.json"  # reports/siglip -> reports/speed/siglip.json
     rank, world, device = setup_distributed(cfg.device)
     main = rank == 0
     identity = json.loads(json.dumps({**identity, "seed": seed, "world_size": world, "code": code_fingerprint()},
@@ -411,7 +486,7 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
         for stale in ckpt_dir.glob(".step_*.tmp"):  # a write killed before its rename
             shutil.rmtree(stale, ignore_errors=True)
     ck = _load_checkpoint(ckpt_dir, identity, model, main) if ckpt_dir.exists() else None
-    start, train_rows, val_rows, seen = 0, [], [], {"seconds": 0.0, "samples": 0, "tokens": 0}
+    start, train_rows, val_rows, seen = 0, [], [], {"seconds": 0.0, "samples": 0, "tokens": 0, "flops": 0}
     if ck is not None:
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -424,74 +499,111 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
+    step_fn = torch.compile(ddp) if cfg.compile else ddp  # compiles on the first step; DDP-aware
     # bf16 autocast where cfg.precision says so (auto: on CUDA; no GradScaler needed: bf16 has fp32's
     # exponent range); plain fp32 otherwise.
     amp_dtype = resolve_precision(cfg.precision, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 \
         else contextlib.nullcontext
+    # The host waits for the device only every `log_every` steps (and at epoch ends and checkpoints):
+    # losses stay on the device until then, so a GPU never idles between steps for a print.
     log_every = max(1, total // 200)  # MLflow gets <= ~200 train points; the CSV gets every step
+    if device.type == "cuda":  # TF32 tensor cores for the matmuls and convolutions autocast leaves in fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    sampler = _EpochBatches()
+    loader = DataLoader(_EpochIndexed(task.train_data), batch_sampler=sampler, collate_fn=task.collate,
+                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                        pin_memory=device.type == "cuda")
     bar = tqdm(total=total, initial=start, desc=task.name, disable=not main, dynamic_ncols=True, mininterval=1.0)
+    pending: list[tuple[dict, torch.Tensor, Any]] = []  # (row without loss, loss on device, tokens)
+    clock = {"t": time.perf_counter(), "samples": 0, "flops": 0}  # the interval since the last flush
+
+    def flush() -> None:
+        """Bring the pending steps' losses to the host: curve rows, progress bar, MLflow, timing."""
+        nonlocal seen
+        if not pending:
+            return
+        vals = torch.stack([torch.stack([torch.as_tensor(l, device=device).float(),
+                                         torch.as_tensor(t, device=device).float()]) for _, l, t in pending])
+        if world > 1:
+            dist.all_reduce(vals)  # the logged loss is the global batch's; tokens are totals
+        vals = vals.tolist()  # the one host-device synchronisation of the interval
+        dt = time.perf_counter() - clock["t"]
+        tokens = int(sum(t for _, t in vals))
+        samples = clock["samples"] * world
+        seen = {"seconds": seen["seconds"] + dt, "samples": seen["samples"] + samples,
+                "tokens": seen["tokens"] + tokens, "flops": seen.get("flops", 0) + clock["flops"] * world}
+        for (row, _, _), (loss, _) in zip(pending, vals):
+            train_rows.append({"step": row["step"], "epoch": row["epoch"], "loss": loss / world, "lr": row["lr"]})
+        last = train_rows[-1]
+        speed = {"samples_per_s": samples / dt, "tokens_per_s": tokens / dt}
+        post = {"loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}", "samples/s": f"{samples / dt:.0f}"}
+        if tokens:
+            post["tokens/s"] = f"{tokens / dt:.0f}"
+        if clock["flops"] and main:
+            sp = _speed({"seconds": dt, "samples": samples, "tokens": tokens, "flops": clock["flops"] * world},
+                        world, device, amp_dtype)
+            if sp.get("mfu") is not None:
+                speed["mfu"] = sp["mfu"]
+                post["MFU"] = f"{100 * sp['mfu']:.1f}%"
+        bar.set_postfix(post, refresh=False)
+        bar.update(len(pending))
+        if run is not None and main:
+            run.log_metrics({"train/loss": last["loss"], "train/lr": last["lr"],
+                             **{f"speed/{k}": v for k, v in speed.items()}}, step=last["step"])
+        pending.clear()
+        restart_clock()
+
+    def restart_clock() -> None:
+        clock.update(t=time.perf_counter(), samples=0, flops=0)
+
+    flops_of = getattr(task.model, "train_flops", None)  # the model's FLOPs formula, for MFU
     model.train()
-    batches = None
     for step in range(start, total):
         epoch, b = divmod(step, steps_per_epoch)
-        if batches is None or b == 0:  # (re)build the epoch's loader at its start or at the resume point
-            if hasattr(task.train_data, "set_epoch"):
-                task.train_data.set_epoch(epoch)
-            loader = DataLoader(task.train_data, batch_sampler=_epoch_batches(n, cfg, seed, epoch, b, rank, world),
-                                collate_fn=task.collate, num_workers=task.num_workers,
-                                generator=torch.Generator().manual_seed(seed + epoch))  # not the global RNG
+        if step == start or b == 0:  # the epoch's batches from its start, or from the resume point
+            sampler.set(epoch, _epoch_batches(n, cfg, seed, epoch, b, rank, world))
+            loader.generator = torch.Generator().manual_seed(seed + epoch)  # worker seeds; not the global RNG
             batches = iter(loader)
 
-        t0 = time.perf_counter()
-        loss_sum, samples, tokens = 0.0, 0, 0
+        loss_sum, samples, tokens, step_flops = None, 0, 0, 0
         for micro in range(accum):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             # Only the last micro-step needs DDP's gradient all-reduce; the others just accumulate locally.
             sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else ddp.no_sync()
             with sync:
                 with amp():
-                    out = ddp(batch)
+                    out = step_fn(batch)
                 (out["loss"] / accum).backward()  # / accum: the step's gradient is the mean over micro-batches
-            loss_sum += out["loss"].detach().float() / accum
-            samples, tokens = samples + int(out["samples"]), tokens + int(out["tokens"])
+            part = out["loss"].detach().float() / accum
+            loss_sum = part if loss_sum is None else loss_sum + part
+            samples, tokens = samples + int(out["samples"]), tokens + out["tokens"]  # tokens may stay on device
+            step_flops += flops_of(batch) if flops_of else 0
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-
-        stats = torch.stack([torch.as_tensor(loss_sum, device=device).float(),
-                             torch.tensor(float(samples), device=device), torch.tensor(float(tokens), device=device)])
-        if world > 1:
-            dist.all_reduce(stats)  # the logged loss is the global batch's; samples/tokens are totals
-        loss, samples, tokens = stats[0].item() / world, int(stats[1].item()), int(stats[2].item())
-        dt = time.perf_counter() - t0
-        seen = {"seconds": seen["seconds"] + dt, "samples": seen["samples"] + samples, "tokens": seen["tokens"] + tokens}
-        row = {"step": step + 1, "epoch": round(epoch + (b + 1) / steps_per_epoch, 4), "loss": loss, "lr": lr,
-               "samples_per_s": samples / dt, "tokens_per_s": tokens / dt}
-        train_rows.append(row)
-        post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{samples / dt:.0f}"}
-        if tokens:
-            post["tokens/s"] = f"{tokens / dt:.0f}"
-        bar.set_postfix(post, refresh=False)
-        bar.update(1)
-        if run is not None and main and ((step + 1) % log_every == 0 or step + 1 == total):
-            run.log_metrics({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step + 1)
+        clock["samples"] += samples
+        clock["flops"] += step_flops
+        pending.append(({"step": step + 1, "epoch": round(epoch + (b + 1) / steps_per_epoch, 4), "lr": lr},
+                        loss_sum, tokens))
 
         end_of_epoch = b + 1 == steps_per_epoch
+        checkpoint_now = bool(cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == total
+        if (step + 1) % log_every == 0 or end_of_epoch or checkpoint_now:
+            flush()
         if end_of_epoch and task.evaluate is not None and main:
             metrics = _evaluate(task, model, epoch + 1, device, amp)
             val_rows.append({"epoch": epoch + 1, "step": step + 1, **metrics})
-            log.info("%s epoch %d/%d step %d: loss %.4f | %s", task.name, epoch + 1, cfg.epochs, step + 1, loss,
-                     " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log.info("%s epoch %d/%d step %d: loss %.4f | %s", task.name, epoch + 1, cfg.epochs, step + 1,
+                     train_rows[-1]["loss"], " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if run is not None:
                 run.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=step + 1)
         if end_of_epoch:
             barrier()  # other ranks wait while rank 0 evaluates
 
-        checkpoint_now = bool(cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step + 1 == total
         if checkpoint_now:
             rngs = [_rng_state(device)]
             if world > 1:  # each rank's RNG state, so every rank resumes its own stream
@@ -506,25 +618,28 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
         if main and (end_of_epoch or checkpoint_now):  # the curve files, consistent with the checkpoint
             _write_csv(report_dir / "train_curve.csv", train_rows)
             _write_csv(report_dir / "val_curve.csv", val_rows)
+        if end_of_epoch or checkpoint_now:
+            restart_clock()  # evaluation and checkpoint writing are not training time
     bar.close()
 
     final = {k: v for k, v in (val_rows[-1] if val_rows else {}).items() if k not in ("epoch", "step")}
-    result = FitResult(metrics=final, samples_per_s=seen["samples"] / max(seen["seconds"], 1e-9),
-                       tokens_per_s=seen["tokens"] / max(seen["seconds"], 1e-9), steps=total,
-                       train_seconds=seen["seconds"], resumed_from_step=start,
-                       final_loss=train_rows[-1]["loss"] if train_rows else math.nan)
+    speed = {"stage": task.name, **_speed(seen, world, device, amp_dtype)} if main else {}
+    sec = max(seen["seconds"], 1e-9)
+    result = FitResult(metrics=final, samples_per_s=seen["samples"] / sec, tokens_per_s=seen["tokens"] / sec,
+                       steps=total, train_seconds=seen["seconds"], resumed_from_step=start,
+                       final_loss=train_rows[-1]["loss"] if train_rows else math.nan, speed=speed)
     if main:
         _write_csv(report_dir / "train_curve.csv", train_rows)
         _write_csv(report_dir / "val_curve.csv", val_rows)
-        summary = {**final, "samples_per_s": round(result.samples_per_s, 2), "steps": total, "epochs": cfg.epochs,
-                   "train_seconds": round(result.train_seconds, 2)}
-        if result.tokens_per_s > 0:
-            summary["tokens_per_s"] = round(result.tokens_per_s, 2)
-        write_json(report_dir / "metrics.json", summary)
+        quality = {**final, "steps": total, "epochs": cfg.epochs}
+        write_json(report_dir / "metrics.json", quality)
+        # Speed apart from quality, in reports/speed/: `dvc metrics diff --targets` can leave it out.
+        write_json(speed_file, speed)
         if run is not None:
-            run.log_metrics({f"final/{k}": v for k, v in summary.items()})
-            for name in ("train_curve.csv", "val_curve.csv", "metrics.json"):
-                run.log_artifact(report_dir / name)
+            run.log_metrics({f"final/{k}": v for k, v in quality.items()})
+            run.log_metrics({f"speed/{k}": v for k, v in speed.items() if isinstance(v, (int, float))})
+            for f in (report_dir / "train_curve.csv", report_dir / "val_curve.csv", report_dir / "metrics.json", speed_file):
+                run.log_artifact(f)
     return result
 
 

@@ -119,8 +119,19 @@ class PrefixLM(nn.Module):
         logits, labels = self.text_logits(batch)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction=reduction)
-        return {"loss": loss, "samples": int(labels.shape[0]), "tokens": int(batch["attention_mask"].sum()),
-                "targets": int((labels != IGNORE_INDEX).sum())}
+        # Counts stay on the device: reading them here would make the host wait for every step.
+        return {"loss": loss, "samples": int(labels.shape[0]), "tokens": batch["attention_mask"].sum(),
+                "targets": (labels != IGNORE_INDEX).sum()}
+
+    def train_flops(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """Model FLOPs of ``forward`` + backward on ``batch`` (``vlmpipe/flops.py``): the projector once
+        per sample, the LM over the prefix and the padded text positions."""
+        from vlmpipe.flops import TransformerCost, mlp_train_flops
+
+        if getattr(self, "_lm_cost", None) is None:
+            self._lm_cost = TransformerCost.of_hf(self.lm)
+        b, t = batch["input_ids"].shape
+        return mlp_train_flops(self.projector, b) + self._lm_cost.train_flops(b, self.config.prefix_tokens + t)
 
     # ---- generation
 

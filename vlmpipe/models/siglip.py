@@ -83,6 +83,24 @@ class SigLIP(nn.Module):
         txt = self.text_tower(batch["input_ids"], batch["attention_mask"])
         return {"loss": self.loss_fn(img, txt, batch["text_ids"]), "samples": img.shape[0], "tokens": 0}
 
+    def train_flops(self, batch: dict) -> int:
+        """Model FLOPs of ``forward`` + backward on ``batch`` (``vlmpipe/flops.py``): the trained image
+        tower 3x its forward per image; the text tower 6N per token trained, 2N frozen."""
+        from vlmpipe.flops import TransformerCost, conv_net_forward_flops
+
+        if getattr(self, "_costs", None) is None:
+            s = self.image_size
+            image = conv_net_forward_flops(self.image_tower, torch.zeros(1, 3, s, s, device=self.device))
+            enc = getattr(self.text_tower, "encoder", None)
+            cfg = getattr(getattr(enc, "model", None), "config", None)  # a hub encoder
+            layers = int(cfg.num_hidden_layers) if cfg is not None else int(self.config["text_layers"])
+            width = int(cfg.hidden_size) if cfg is not None else int(self.config["text_width"])
+            self._costs = (image, TransformerCost.of(self.text_tower, layers, width))
+        image, text = self._costs
+        n, t = batch["input_ids"].shape
+        trains_encoder = any(q.requires_grad for q in self.text_tower.encoder.parameters())
+        return 3 * image * n + text.train_flops(n, t, input_grad=trains_encoder)
+
     def param_groups(self, lr: float, weight_decay: float, logit_lr_mult: float) -> list[dict]:
         """Optimizer groups: decayed matrices, undecayed vectors, and the temperature and bias at
         ``lr * logit_lr_mult`` (they have to travel from log 10 / -10 to their working values fast)."""

@@ -13,7 +13,7 @@ from vlmpipe.io import relative_path, scratch_dir
 from vlmpipe.models.captioner import build_captioner
 from vlmpipe.params import to_dict
 from vlmpipe.pipeline import tiny_base
-from vlmpipe.train import FitResult, TrainTask, fingerprint, fit, is_main_process
+from vlmpipe.train import FitResult, TrainTask, barrier, fingerprint, fit, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def run_stage(cp, *, seed: int, coco_root: Path, embeddings_root: Path, siglip_d
                                 beam_size=cp.beam_size, max_caption_tokens=cp.max_caption_tokens, seed=seed,
                                 lm_revision=cp.lm_revision, projector_hidden=cp.projector_hidden,
                                 source_name="tiny" if cp.lm == "tiny" else None)
+        barrier()  # every rank has loaded the base before rank 0's scratch folder (which holds it) goes
     train = CaptionDataset(train_feats, train_caps, model.tokenizer, cp.max_caption_tokens)
     val = CaptionDataset(val_feats, val_caps, model.tokenizer, cp.max_caption_tokens)
     log.info("captioner: %d train images -> %d samples (%d target tokens), %d val images -> %d samples; "

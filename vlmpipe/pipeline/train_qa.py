@@ -15,9 +15,8 @@ from vlmpipe.io import relative_path, read_json, scratch_dir, write_json
 from vlmpipe.models.qa_model import build_qa_model
 from vlmpipe.params import to_dict
 from vlmpipe.pipeline import tiny_base
-from vlmpipe.runtime import resolve_device
 from vlmpipe.text import EOS
-from vlmpipe.train import FitResult, TrainTask, fingerprint, fit, is_main_process
+from vlmpipe.train import FitResult, TrainTask, barrier, fingerprint, fit, is_main_process, setup_distributed
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +37,16 @@ def run_stage(p, *, seed: int, csv_path: Path, cifar_root: Path, embeddings_root
     encoder = {**embeddings.siglip_identity(siglip_dir), "path": relative_path(siglip_dir, out_dir)}
     tr_feats = embeddings.features_for(embeddings_root, "cifar", "train", tr_idx, encoder, csv_path)
     te_feats = embeddings.features_for(embeddings_root, "cifar", "test", te_idx, encoder, csv_path)
-    device = resolve_device(p.train.device, "phi2.train.device")
+    _, _, device = setup_distributed(p.train.device, "phi2.train.device")  # under torchrun: cuda:LOCAL_RANK
     with scratch_dir(ckpt_dir, "tiny-base") as tmp:  # a killed run's leftovers are removed next time
         base: str | Path = p.base_model
         if p.base_model == "tiny":
             texts = [conversation_text(c, EOS)[: -len(EOS)] for c in tr_convs]  # the warm-up appends EOS
-            base = tiny_base.build("phi", p.tiny, texts, tmp / "tiny_phi", seed)
+            # Under torchrun the ranks warm the base up together (data-parallel); rank 0 saves it.
+            base = tiny_base.build("phi", p.tiny, texts, tmp / "tiny_phi", seed, device=p.train.device)
         model = build_qa_model(p, base, device, encoder=encoder, feature_dim=int(tr_feats.shape[-1]),
                                regions=int(tr_feats.shape[1]), seed=seed)
+        barrier()  # every rank has loaded the base before anything can end rank 0's scratch folder
         train = QADataset(model.tokenizer, tr_feats, tr_convs, p.max_seq_len)
         val = QADataset(model.tokenizer, te_feats, te_convs, p.max_seq_len)
         questions = eval_questions(val, p.eval_questions, seed)
