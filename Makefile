@@ -29,7 +29,7 @@ repro: $(STAMP)
 	dvc repro
 
 test: $(STAMP)
-	python -m pytest -q tests
+	python -m pytest -q --durations=12 tests
 
 clean-venv:
 	rm -rf $(VENV)

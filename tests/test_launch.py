@@ -191,3 +191,53 @@ def test_tiny_dag_with_two_processes(tiny_repo, tmp_path):
     # (test_ddp.py measures it); a per-rank batch or unsynchronised BatchNorm would move far more.
     assert abs(s["zero_shot_acc"] - one["siglip"]["zero_shot_acc"]) < 0.1, (s, one["siglip"])
     assert abs(v["accuracy"] - one["vqa"]["accuracy"]) < 0.15, (v, one["vqa"])
+
+
+def _netns_pair():
+    """Two network namespaces joined by a veth pair, 10.77.<n>.1 and .2: two machines with their own
+    addresses and no loopback between them. None where this process may not create them."""
+    import shutil as sh
+
+    ip = sh.which("ip")
+    if ip is None:
+        return None
+    tag = f"{os.getpid() % 10000}"
+    a, b = f"vlm{tag}a", f"vlm{tag}b"
+    net = f"10.77.{os.getpid() % 250}"
+    cmds = [["netns", "add", a], ["netns", "add", b],
+            ["link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b"],
+            ["link", "set", f"v{tag}a", "netns", a], ["link", "set", f"v{tag}b", "netns", b],
+            ["-n", a, "addr", "add", f"{net}.1/24", "dev", f"v{tag}a"],
+            ["-n", b, "addr", "add", f"{net}.2/24", "dev", f"v{tag}b"],
+            ["-n", a, "link", "set", f"v{tag}a", "up"], ["-n", b, "link", "set", f"v{tag}b", "up"],
+            ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"]]
+    for c in cmds:
+        if subprocess.run([ip, *c], capture_output=True).returncode != 0:
+            for ns in (a, b):
+                subprocess.run([ip, "netns", "del", ns], capture_output=True)
+            return None
+    return ip, (a, f"v{tag}a", f"{net}.1"), (b, f"v{tag}b", f"{net}.2")
+
+
+def test_two_machines_with_their_own_addresses(tmp_path):
+    """As above, but each launcher in its own network namespace (its own address, a veth link between
+    them): the rendezvous endpoint is the first machine's address, not loopback."""
+    pair = _netns_pair()
+    if pair is None:
+        pytest.skip("cannot create network namespaces here (needs root or CAP_NET_ADMIN and iproute2)")
+    ip, (ns_a, if_a, addr_a), (ns_b, if_b, _) = pair
+    try:
+        _workdir(tmp_path, nnodes=2, rdzv_endpoint=f"{addr_a}:29411", rdzv_timeout=60)
+        procs = []
+        for ns, iface in ((ns_a, if_a), (ns_b, if_b)):
+            # Gloo picks its interface by name: each machine's own link, as on a real cluster.
+            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": iface}
+            procs.append(subprocess.Popen([ip, "netns", "exec", ns, sys.executable, "-m", "vlmpipe.launch", "--node",
+                                           "stage.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=180) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+        assert [(x["rank"], x["world"]) for x in _reports("".join(o for o, _ in outs))] == [(0, 2), (1, 2)]
+    finally:
+        for ns in (ns_a, ns_b):
+            subprocess.run([ip, "netns", "del", ns], capture_output=True)

@@ -25,6 +25,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -32,6 +33,26 @@ from vlmpipe.errors import UserError, stage_entry
 from vlmpipe.params import LaunchParams, load_params
 
 log = logging.getLogger("vlmpipe.launch")
+
+
+def _route_source(host: str, port: int) -> str | None:
+    """This machine's address on the route to ``host`` (no packet is sent), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _is_own_address(host: str) -> bool:
+    """``host`` is an address of one of this machine's interfaces (binding to it works)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return True
+    except OSError:
+        return False
 
 
 def torchrun_args(launch: LaunchParams, script: str, rest: list[str], endpoint: str) -> list[str]:
@@ -43,8 +64,20 @@ def torchrun_args(launch: LaunchParams, script: str, rest: list[str], endpoint: 
         t = launch.rdzv_timeout
         # join_timeout: how long to wait for the other machines; read_timeout: for the store at the
         # endpoint to answer (torch's defaults, 600 s and 60 s, leave a user waiting ten minutes).
+        conf = f"join_timeout={t},read_timeout={t},timeout={t}"
+        host, _, port = endpoint.rpartition(":")
+        # torch guesses whether this machine hosts the store from its hostname's addresses and misses
+        # a second interface's (a cluster network, a namespace): say so when the endpoint is ours.
+        # Loopback is left to torch, which then lets one launcher per machine host (tests run two).
+        if host not in ("localhost", "127.0.0.1") and _is_own_address(host):
+            conf += ",is_host=1"
         args += ["--nnodes", str(launch.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-                 "--rdzv-id", Path(script).stem, "--rdzv-conf", f"join_timeout={t},read_timeout={t},timeout={t}"]
+                 "--rdzv-id", Path(script).stem, "--rdzv-conf", conf]
+        # The address the other machines reach this one at (the ranks' MASTER_ADDR when rank 0 is here):
+        # the one on the route to the endpoint, not whatever the hostname resolves to.
+        local = _route_source(host, int(port))
+        if local:
+            args += ["--local-addr", local]
     return [*args, script, *rest]
 
 
