@@ -106,14 +106,12 @@ def test_two_machines_train_what_one_process_trains(tiny_repo, tmp_path):
     """`launch.nnodes: 2`: two launchers with --node, as on two machines, meet at a c10d rendezvous on
     loopback (1 process each) and train train_siglip with the global batch of one process. Same bound
     as above, for the same reasons: the mathematics is one process's; float noise grows with steps."""
-    import socket
+    import servers
 
     one, two = tmp_path / "one", tmp_path / "nodes"
     for d in (one, two):
         shutil.copytree(tiny_repo, d)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = servers.free_port()
     params = yaml.safe_load((two / "params.yaml").read_text())
     params["launch"].update(nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_timeout=120)
     (two / "params.yaml").write_text(yaml.safe_dump(params))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -44,12 +43,6 @@ if world > 1:
     dist.barrier()
     dist.destroy_process_group()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _workdir(tmp_path: Path, **launch) -> Path:
@@ -104,7 +97,7 @@ def test_bad_launch_params_are_one_line_before_anything_starts(tmp_path, launch,
 
 def test_an_unreachable_rendezvous_is_one_line_within_the_timeout(tmp_path):
     """The second machine never comes: the first gives up after launch.rdzv_timeout, in one line."""
-    _workdir(tmp_path, nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_timeout=3)
+    _workdir(tmp_path, nnodes=2, rdzv_endpoint=f"127.0.0.1:{servers.free_port()}", rdzv_timeout=3)
     t0 = time.monotonic()
     r = _launch(tmp_path)
     took = time.monotonic() - t0
@@ -116,7 +109,7 @@ def test_an_unreachable_rendezvous_is_one_line_within_the_timeout(tmp_path):
 
 def test_two_machines_meet_at_the_rendezvous(tmp_path):
     """Two launchers with --node, as on two machines, on loopback: one world of 2 x 2 processes."""
-    _workdir(tmp_path, nproc_per_node=2, nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_timeout=60)
+    _workdir(tmp_path, nproc_per_node=2, nnodes=2, rdzv_endpoint=f"127.0.0.1:{servers.free_port()}", rdzv_timeout=60)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "vlmpipe.launch", "--node", "stage.py"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -147,7 +140,7 @@ sys.exit(max(p.wait() for p in procs))
 """)
     srun.chmod(srun.stat().st_mode | stat.S_IXUSR)
     (tmp_path / "w").mkdir()
-    work = _workdir(tmp_path / "w", nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_timeout=60, fanout="srun")
+    work = _workdir(tmp_path / "w", nnodes=2, rdzv_endpoint=f"127.0.0.1:{servers.free_port()}", rdzv_timeout=60, fanout="srun")
     r = _launch(work, env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}, timeout=180)
     assert r.returncode == 0, r.stderr
     reports = _reports(r.stdout)

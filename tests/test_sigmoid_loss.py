@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import servers
 from vlmpipe.models.sigmoid_loss import SigmoidLoss
 
 
@@ -88,12 +88,6 @@ def test_normalised_by_number_of_images():
     torch.testing.assert_close(doubled, 2 * mod(img, txt, ids))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, img, txt, ids, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -129,7 +123,7 @@ def test_ddp_negatives_from_every_rank_match_one_process():
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = servers.free_port()
     procs = [ctx.Process(target=_ddp_worker, args=(r, world, port, img, txt, ids, queue)) for r in range(world)]
     for p in procs:
         p.start()
