@@ -235,10 +235,11 @@ def mlflow_server(workdir: Path, timeout: float = 120) -> Iterator[MlflowServer]
 
 
 def run(cmd: Sequence[str], *, cwd: str | os.PathLike, env: dict, timeout: float = 600,
-        check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command, capture its output; on failure (if ``check``) raise with both streams."""
-    p = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
+        check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a command (``input`` on its stdin, else none), capture its output; on failure (if ``check``)
+    raise with both streams."""
+    stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+    p = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **stdin)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n"
                              f"--- stderr\n{p.stderr[-6000:]}")

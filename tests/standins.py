@@ -942,3 +942,30 @@ def cifar10_tarball(out_dir: Path, train_per_class: int, test_per_class: int, *,
             _tar_add(tf, f"cifar-10-batches-py/{name}", data, mtime)
     os.replace(tmp, path)
     return path
+
+
+def llava_instruct_json(annotations_zip: Path, out: Path, absent: int = 1) -> Path:
+    """A small ``llava_instruct_150k.json``: LLaVA-Instruct conversations (the real record layout, the
+    ``<image>`` marker before or after the first question, 1-3 turns with free-form answers) about every
+    train2017 image of ``annotations_zip``, plus ``absent`` about images COCO does not have."""
+    with zipfile.ZipFile(annotations_zip) as zf:
+        data = json.loads(zf.read("annotations/captions_train2017.json"))
+    caps: dict[int, list[str]] = {}
+    for a in data["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    questions = ["What do you see happening in this image?", "What colors are the shapes?",
+                 "Is there anything unusual about this image?", "How many objects can you see?"]
+    records = []
+    ids = sorted(caps) + [999_999_000 + k for k in range(absent)]
+    for n, iid in enumerate(ids):
+        first, refs = questions[n % len(questions)], caps.get(iid) or ["a cat on a sofa"]
+        conv = [{"from": "human", "value": f"<image>\n{first}" if n % 3 else f"{first}\n<image>"},
+                {"from": "gpt", "value": "The image shows " + refs[0].lower().rstrip(".")
+                 + ". The shapes are drawn on a plain background, and nothing else is in the picture."}]
+        for t in range(n % 3):
+            conv += [{"from": "human", "value": questions[(n + t + 1) % len(questions)]},
+                     {"from": "gpt", "value": f"Looking closely, {refs[(t + 1) % len(refs)].lower()}"}]
+        records.append({"id": f"{iid:012d}", "image": f"{iid:012d}.jpg", "conversations": conv})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1))
+    return out

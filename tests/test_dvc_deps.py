@@ -100,7 +100,7 @@ def test_models_import_no_training_loop_dataloader_or_argparse():
         assert "DataLoader(" not in f.read_text(), f.name
 
 
-GPU_STAGES = ("train_siglip", "precompute_embeddings", "train_phi2_qlora", "train_gpt2_captioner")
+GPU_STAGES = ("train_siglip", "precompute_embeddings", "train_phi2_qlora", "train_gpt2_captioner", "train_gpt2_chat")
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

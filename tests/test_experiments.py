@@ -4,7 +4,7 @@ stages it re-ran carry the experiment's name.
 
 One experiment per session, run on a copy of the session's `tiny_repo` (the DAG
 is built once; the experiment re-runs only what depends on the changed param:
-train_phi2_qlora and evaluate for `lr`). The runs go to the default store,
+train_phi2_qlora and evaluate for `lr`; a `chat` param is read by train_gpt2_chat alone). The runs go to the default store,
 mlflow.db in the repository root, as for a user who set no MLFLOW_TRACKING_URI.
 
 Until the whole DAG exists (conftest TINY_DAG_STAGES is a list), the
@@ -87,6 +87,26 @@ def test_exp_run_completes_and_mlflow_runs_carry_its_name(experiment, tiny_repo)
             f"train_phi2_qlora's MLflow params do not show lr=1e-4: {lrs}"
 
 
+def test_exp_run_reruns_only_the_stages_that_read_the_changed_params(experiment, tiny_repo):
+    """lr reruns train_phi2_qlora and evaluate; a chat param is read by train_gpt2_chat alone (evaluate then
+    reruns because models/chat changed): `dvc status` after the edit names that one stage."""
+    if not tiny_repo.full_dag:
+        pytest.skip("needs the whole tiny DAG")
+    assert sorted(experiment.reran) == ["evaluate", "train_phi2_qlora"], experiment.reran
+    import yaml
+
+    params = experiment.repo / "params.yaml"
+    before = params.read_text()
+    data = yaml.safe_load(before)
+    data["chat"]["train"]["lr"] = 5e-4
+    try:
+        params.write_text(yaml.safe_dump(data, sort_keys=False))
+        status = json.loads(servers.run(["dvc", "status", "--json"], cwd=experiment.repo, env=experiment.env).stdout)
+    finally:
+        params.write_text(before)
+    assert list(status) == ["train_gpt2_chat"], status
+
+
 def test_exp_show_and_params_diff_show_the_change(experiment):
     ex = experiment
     shown = json.loads(servers.run(["dvc", "exp", "show", "--json"], cwd=ex.repo, env=ex.env).stdout)
@@ -127,7 +147,7 @@ def test_quality_diff_leaves_the_timings_out(experiment, tiny_repo):
     if not tiny_repo.full_dag:
         pytest.skip("needs the whole tiny DAG")
     ex = experiment
-    quality = ["reports/metrics.json", "reports/siglip", "reports/phi2_vlm", "reports/captioner"]
+    quality = ["reports/metrics.json", "reports/siglip", "reports/phi2_vlm", "reports/captioner", "reports/chat"]
     diff = json.loads(servers.run(["dvc", "metrics", "diff", "--json", "--targets", *quality], cwd=ex.repo,
                                   env=ex.env).stdout)
     keys = [k for f in diff.values() for k in f]

@@ -10,7 +10,8 @@ What it would download is pre-placed the way users' machines hold it:
   models in the real configurations and file layouts (Phi-2 with 2 of its 32 layers: the one
   deviation, for time), and tokenizers trained offline in the real file formats;
 - a ResNet-50 state dict in `$TORCH_HOME`;
-- COCO 2017 and CIFAR-10 archives in the official layouts, served over HTTP.
+- COCO 2017 and CIFAR-10 archives in the official layouts, and a small ``llava_instruct_150k.json``
+  about those COCO images (one more about an image COCO lacks), served over HTTP.
 
 `HF_HUB_OFFLINE=1`: any reach for the network fails. `tests/standins.py` builds all of it.
 """
@@ -29,7 +30,7 @@ import servers
 from conftest import REPO_ROOT, copy_worktree, git
 
 STAGES = ["download_coco", "build_cifar_qa_csv", "train_siglip", "precompute_embeddings",
-          "train_phi2_qlora", "train_gpt2_captioner", "evaluate"]
+          "train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate"]
 N_COCO_TRAIN, N_COCO_VAL = 8, 4
 CIFAR_TRAIN_PER_CLASS, CIFAR_TEST_PER_CLASS = 1, 1
 
@@ -48,6 +49,9 @@ def overrides(mirror: str) -> dict:
         # The preset's batch 8 in 8 micro-batches of one conversation: the accumulation path runs.
         "phi2": {"eval_questions": 4, "max_new_tokens": 8, "train": {**cpu, "batch_size": 8}},
         "captioner": {"max_caption_tokens": 12, "train": {**cpu, "batch_size": 20}},
+        "conversations": {"url": f"{mirror}/llava/llava_instruct_150k.json"},
+        # 7 training conversations: a batch of 4 in 4 micro-batches (the accumulation path again).
+        "chat": {"eval_turns": 4, "max_new_tokens": 8, "train": {**cpu, "batch_size": 4, "grad_accum": 4}},
         "evaluate": {"device": "cpu", "max_images": 4, "gallery_images": 2},
     }
 
@@ -88,11 +92,14 @@ def full_repo(tmp_path_factory, file_server_session) -> FullRepo:
     archives = {**standins.coco2017_archives(base / "archives", N_COCO_TRAIN, N_COCO_VAL),
                 "cifar-10-python.tar.gz": standins.cifar10_tarball(base / "archives", CIFAR_TRAIN_PER_CLASS,
                                                                     CIFAR_TEST_PER_CLASS)}
+    archives["llava_instruct_150k.json"] = standins.llava_instruct_json(
+        archives["annotations_trainval2017.zip"], base / "archives" / "llava_instruct_150k.json")
     build_s = time.monotonic() - t0
     srv = file_server_session
     for name, path in archives.items():
         where = {"annotations_trainval2017.zip": "/coco/annotations/", "train2017.zip": "/coco/zips/",
-                 "val2017.zip": "/coco/zips/", "cifar-10-python.tar.gz": "/cifar/"}[name]
+                 "val2017.zip": "/coco/zips/", "cifar-10-python.tar.gz": "/cifar/",
+                 "llava_instruct_150k.json": "/llava/"}[name]
         srv.files[where + name] = path.read_bytes()
 
     repo = base / "repo"
@@ -138,13 +145,29 @@ def test_every_stage_ran_and_the_pipeline_is_clean(full_repo):
     assert lock["precompute_embeddings"]["params"]["params.yaml"]["captioner.vision_encoder_revision"] == \
         p["captioner"]["vision_encoder_revision"]
     m = _json(full_repo.path / "reports/metrics.json")
-    assert {"siglip", "vqa", "captioner"} <= set(m) and "i2t_r1" in m["siglip"]
+    assert {"siglip", "vqa", "captioner", "chat"} <= set(m) and "i2t_r1" in m["siglip"]
+
+
+def test_llava_conversations_joined_with_coco_and_the_chat_model_continued_gpt2(full_repo):
+    """The LLaVA file came through conversations.url, its record about an image COCO lacks was
+    dropped and counted, a train2017 image was held out, and the chat model is GPT-2 continued."""
+    root = full_repo.path
+    s = _json(root / "data/conversations/summary.json")
+    assert s["source"] == "llava_instruct_150k" and s["dropped"] == {"image not in data/coco": 1}, s
+    assert s["train"] + s["val"] == N_COCO_TRAIN and s["val"] >= 1 and len(s["sha256"]) == 64
+    chat = _json(root / "models/chat/model.json")
+    cap = _json(root / "models/captioner/model.json")
+    assert chat["kind"] == "chat" and chat["lm_source"] == "gpt2" and chat["encoder"] == cap["encoder"]
+    # GPT-2's 1024 positions, less the preset's prefix tokens, are the conversation window.
+    assert chat["max_prompt_tokens"] == 1024 - cap["prefix_tokens"]
+    m = _json(root / "reports/metrics.json")["chat"]
+    assert m["by_type"].keys() <= {"first", "later"} and m["nll_per_token"] > 0, m
 
 
 def test_archives_came_through_the_mirror_params(full_repo):
     fetched = {path for path, _, status in full_repo.server_log if status == 200}
     assert fetched == {"/coco/annotations/annotations_trainval2017.zip", "/coco/zips/train2017.zip",
-                       "/coco/zips/val2017.zip", "/cifar/cifar-10-python.tar.gz"}
+                       "/coco/zips/val2017.zip", "/cifar/cifar-10-python.tar.gz", "/llava/llava_instruct_150k.json"}
     coco = _json(full_repo.path / "data/coco/annotations/captions_val2017.json")
     assert len(coco["images"]) == N_COCO_VAL
 
@@ -209,3 +232,6 @@ def test_cli_captions_and_answers_a_jpeg(full_repo, tmp_path):
     ask = servers.run(["python", "-m", "vlmpipe", "ask", str(img), "what colour is it?"], cwd=full_repo.path,
                       env=env, timeout=600)
     assert ask.stdout.endswith("\n") and ask.stdout.count("\n") == 1
+    chat = servers.run(["python", "-m", "vlmpipe", "chat", str(img), "--message", "What do you see?",
+                        "--message", "What colour is it?"], cwd=full_repo.path, env=env, timeout=600)
+    assert chat.stdout.count("\n") == 2, chat.stdout

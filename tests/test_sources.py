@@ -35,8 +35,9 @@ def test_upstream_and_finished_stages_are_not_checked_again(tmp_path):
     done = ("data/coco", "data/cifar", "data/cifar_qa.csv", "models/siglip", "models/checkpoints/siglip",
             "data/embeddings")
     got = stages_to_check("train_phi2_qlora", _repo(tmp_path, done))
-    # Upstream stages ran already (their archives may be gone); the captioner and evaluate are still to come.
-    assert got == ["train_phi2_qlora", "train_gpt2_captioner", "evaluate"]
+    # Upstream stages ran already (their archives may be gone); the captioner, the conversations, the chat
+    # model and evaluate are still to come.
+    assert got == ["train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate"]
 
 
 @pytest.fixture
@@ -60,9 +61,11 @@ def full_offline(tmp_path, monkeypatch):
     text = text.replace('  url: ""          # a mirror\'s base URL', f'  url: "http://127.0.0.1:{port}/coco"  #', 1)
     text = text.replace('  url: ""          # a mirror\'s URL of cifar-10-python.tar.gz',
                         f'  url: "http://127.0.0.1:{port}/cifar-10-python.tar.gz"', 1)
+    text = text.replace('  url: ""                # llava_instruct_150k: a mirror',
+                        f'  url: "http://127.0.0.1:{port}/llava_instruct_150k.json"  #', 1)
     (tmp_path / "params.yaml").write_text(text)
     p = load_params(tmp_path / "params.yaml")
-    assert p.coco.url and p.cifar.url
+    assert p.coco.url and p.cifar.url and p.conversations.url
     return p, _repo(tmp_path)
 
 
@@ -76,7 +79,8 @@ def test_offline_first_stage_names_everything_missing_in_one_line(full_offline):
                  "cifar-10-python.tar.gz (cifar.url, for build_cifar_qa_csv)",
                  f"openai/clip-vit-base-patch16@{p.captioner.vision_encoder_revision} (captioner.vision_encoder",
                  f"microsoft/phi-2@{p.phi2.revision} (phi2.base_model, for train_phi2_qlora)",
-                 f"gpt2@{p.captioner.lm_revision} (captioner.lm, for train_gpt2_captioner)"):
+                 f"gpt2@{p.captioner.lm_revision} (captioner.lm, for train_gpt2_captioner)",
+                 "llava_instruct_150k.json (conversations.url, for build_conversations)"):
         assert what in msg, what
     assert "HF_HUB_OFFLINE=1" in msg and "hf download microsoft/phi-2 --revision" in msg
     assert "resnet50" not in msg  # pre-placed: nothing to fetch

@@ -2,6 +2,7 @@
 
     python -m vlmpipe caption IMAGE [IMAGE ...] [--model models/captioner] [--beam-size N]
     python -m vlmpipe ask IMAGE "question" [--history "q1" "a1" ...] [--model models/phi2_vlm]
+    python -m vlmpipe chat IMAGE [--message "..." ...] [--model chat|qa|DIR]
 
 Both are deterministic (greedy or beam search, no sampling).
 """
@@ -29,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--history", nargs="*", default=[], metavar="TEXT",
                      help="earlier turns as alternating question and answer")
     ask.add_argument("--model", default="models/phi2_vlm", help="QA model directory (default: %(default)s)")
+
+    ch = sub.add_parser("chat", help="a multi-turn conversation about an image (/reset, /quit)")
+    ch.add_argument("image", help="image file")
+    ch.add_argument("--message", action="append", default=[], metavar="TEXT",
+                    help="answer this message and exit (repeatable: a conversation, one reply per line)")
+    ch.add_argument("--model", default="chat",
+                    help="chat (models/chat), qa (the Phi-2 QA model, models/phi2_vlm) or a model folder "
+                         "(default: %(default)s)")
     return ap
 
 
@@ -41,6 +50,8 @@ def _run(argv: list[str]) -> None:
     if args.command == "caption":
         for path, text in zip(args.images, cli.caption_files(args.model, args.images, beam_size=args.beam_size)):
             sys.stdout.write(f"{path}\t{_one_line(text)}\n")
+    elif args.command == "chat":
+        cli.chat(args.image, args.model, args.message, write=lambda text: print(_one_line(text), flush=True))
     else:
         if len(args.history) % 2:
             raise UserError("--history: give question and answer pairs (an even number of texts)")

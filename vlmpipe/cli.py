@@ -1,4 +1,4 @@
-"""What ``python -m vlmpipe`` does: caption image files, answer questions about one.
+"""What ``python -m vlmpipe`` does: caption image files, answer questions about one, chat about one.
 
 A new image is featurised exactly as the training cache was: by the encoder the model records
 (its weights hash must still match) and with its region scheme, so the model sees what it was
@@ -16,7 +16,8 @@ from vlmpipe import embeddings
 from vlmpipe.errors import UserError
 from vlmpipe.io import read_image
 from vlmpipe.models.captioner import Captioner, load_captioner
-from vlmpipe.models.prefix_lm import PrefixLM
+from vlmpipe.models.chat_model import ChatModel
+from vlmpipe.models.prefix_lm import CONFIG_NAME, PrefixLM
 from vlmpipe.models.qa_model import QAModel, load_qa_model
 from vlmpipe.models.siglip import load_siglip
 
@@ -90,3 +91,74 @@ def ask_file(model_dir: str | os.PathLike, image_path: str | os.PathLike, questi
         with _quiet_loading():
             model = load_qa_model(model_dir, device)
     return model.answer(featurize(model, [image]), [question], [list(history)])[0]
+
+
+# ------------------------------------------------------------------ chat
+
+CHAT_MODELS = {"chat": "models/chat", "qa": "models/phi2_vlm"}
+HELP = "/reset starts the conversation over, /quit (or Ctrl-D) ends it"
+
+
+def load_dialogue_model(name: str, device: str = "auto") -> PrefixLM:
+    """A model that answers messages with a history: ``chat``, ``qa`` (the Phi-2 QA model) or a folder of either."""
+    from vlmpipe.io import read_json_file
+
+    d = CHAT_MODELS.get(name, name)
+    cfg = read_json_file(os.path.join(d, CONFIG_NAME), f"{d}: not a trained chat or QA model") \
+        if os.path.isdir(d) else None
+    kind = (cfg or {}).get("kind")
+    with _quiet_loading():
+        if kind == ChatModel.KIND:
+            from vlmpipe.models.chat_model import load_chat_model
+            return load_chat_model(d, device)
+        if kind == QAModel.KIND:
+            return load_qa_model(d, device)
+    if cfg is None:
+        raise UserError(f"--model: {d} is not a folder (use chat, qa or a model folder; run `dvc repro` to train them)")
+    raise UserError(f"--model: {d} holds a {kind} model, which does not hold conversations (use chat or qa)")
+
+
+class Conversation:
+    """A multi-turn conversation with ``model`` about one image: the history is the turns so far."""
+
+    def __init__(self, model: PrefixLM, image) -> None:
+        self.model = model
+        self.feats = featurize(model, [image])
+        self.history: list[tuple[str, str]] = []
+
+    def say(self, message: str) -> str:
+        if not message.strip():
+            raise UserError("message: empty (say something about the image)")
+        reply = self.model.answer(self.feats, [message], [list(self.history)])[0]
+        self.history.append((message, reply))
+        return reply
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+def chat(image_path: str | os.PathLike, model_name: str = "chat", messages: Sequence[str] = (),
+         device: str = "auto", read: Callable[[str], str] = input, write: Callable[[str], None] = print) -> None:
+    """``messages`` answered in order (one reply per line), or, with none, an interactive conversation."""
+    image = read_image(image_path)  # a bad image fails before any model loads
+    conv = Conversation(load_dialogue_model(model_name, device), image)
+    if messages:
+        for m in messages:
+            write(conv.say(m))
+        return
+    write(f"talking about {image_path} with {conv.model.TITLE} ({HELP})")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            conv.reset()
+            write("(conversation reset)")
+        elif line.startswith("/"):
+            write(f"unknown command {line}: {HELP}")
+        elif line:
+            write(f"model> {conv.say(line)}")

@@ -25,6 +25,8 @@ convolutions (``torch.utils.flop_counter``) on small models.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import time
@@ -175,6 +177,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_name() -> str:
+    # Asked at every logged step: read /proc/cpuinfo once per process.
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

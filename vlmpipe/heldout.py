@@ -5,6 +5,8 @@
   exact match turn by turn (the true earlier turns as history), beside the blind baseline.
 - Captioner: validation loss per target token, and pycocoevalcap scores beside the
   most-common-caption baseline.
+- Chat model: loss per assistant token on held-out conversations, and greedy exact match turn by
+  turn, with the true earlier turns as history and without them.
 
 The training stages and evaluate score through the same functions, so a per-epoch figure and the
 final one are computed the same way. The functions take models and data, and import no model
@@ -110,9 +112,10 @@ def predict_turns(model, data: QADataset, questions: Sequence[tuple[int, int]],
     return preds
 
 
-def eval_questions(data: QADataset, max_questions: int, seed: int = 0) -> list[tuple[int, int]]:
-    """A fixed subset of held-out (conversation, turn) pairs: whole conversations of randomly chosen images."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+def eval_questions(data, max_questions: int, seed: int = 0) -> list[tuple[int, int]]:
+    """A fixed subset of held-out (conversation, turn) pairs of ``data.conversations`` (a ``QADataset`` or
+    ``ChatDataset``): whole conversations, randomly chosen."""
+    order = torch.randperm(len(data.conversations), generator=torch.Generator().manual_seed(seed)).tolist()
     out: list[tuple[int, int]] = []
     for i in order:
         if len(out) >= max_questions:
@@ -146,6 +149,38 @@ def blind_baseline(df) -> BlindBaseline:
     """The most frequent training answer per question (and type): what a model that ignores the image gets."""
     _, convs, types = frame_conversations(df, "train")
     return BlindBaseline((q, a, t) for c, ts in zip(convs, types) for (q, a), t in zip(c, ts))
+
+
+# ---------------------------------------------------------------- chat model
+
+def chat_answers(model, data, turns: Sequence[tuple[int, int]], history: bool = True,
+                 batch_size: int = 64) -> list[str]:
+    """Greedy replies to turn ``j`` of conversation ``i`` of a ``ChatDataset`` for each (i, j): after the
+    true earlier turns (``history``), or with them removed (what the reply owes to the conversation)."""
+    out: list[str] = []
+    for s in range(0, len(turns), batch_size):
+        chunk = turns[s:s + batch_size]
+        feats = torch.stack([torch.as_tensor(data.feats[data.image_rows[i]]) for i, _ in chunk])
+        out += model.answer(feats, [data.conversations[i][j][0] for i, j in chunk],
+                            [data.conversations[i][:j] if history else [] for i, j in chunk])
+    return out
+
+
+@torch.no_grad()
+def chat_scores(model, data, turns: Sequence[tuple[int, int]] = (), batch_size: int = 64) -> dict[str, float]:
+    """``val_loss`` (mean NLL per assistant/EOS token over every window of ``data``) and, for ``turns``,
+    ``exact_match`` of the greedy replies (normalised) with the true history."""
+    tot = {"nll_sum": 0.0, "label_tokens": 0}
+    for s in range(0, len(data), batch_size):
+        st = teacher_forced(model, model.collate([data[i] for i in range(s, min(s + batch_size, len(data)))]))
+        tot["nll_sum"] += st["nll_sum"]
+        tot["label_tokens"] += st["label_tokens"]
+    out = {"val_loss": tot["nll_sum"] / max(tot["label_tokens"], 1)}
+    if turns:
+        preds = chat_answers(model, data, turns, batch_size=batch_size)
+        truth = [data.conversations[i][j][1] for i, j in turns]
+        out["exact_match"] = sum(normalize_answer(p) == normalize_answer(t) for p, t in zip(preds, truth)) / len(truth)
+    return out
 
 
 # ---------------------------------------------------------------- captioner

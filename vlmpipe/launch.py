@@ -30,9 +30,8 @@ import sys
 from pathlib import Path
 
 from vlmpipe.errors import UserError, stage_entry
-from vlmpipe.params import LaunchParams, load_params
+from vlmpipe.params import LaunchParams, check_endpoint, load_params
 
-log = logging.getLogger("vlmpipe.launch")
 
 
 def _route_source(host: str, port: int) -> str | None:
@@ -130,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{a.script}: stage script not found (run from the repository root)")
     launch = load_params().launch  # validated: counts, endpoint, every stage's batch against the world size
     if a.rdzv_endpoint:
+        if launch.nnodes > 1:
+            check_endpoint(a.rdzv_endpoint, "--rdzv-endpoint")
         launch = LaunchParams(**{**vars(launch), "rdzv_endpoint": a.rdzv_endpoint})
-        launch.validate("--rdzv-endpoint")
     if launch.world_size == 1:
         os.execv(sys.executable, [sys.executable, a.script, *a.args])
     if launch.nnodes > 1 and launch.fanout == "srun" and not a.node:

@@ -326,6 +326,57 @@ class CaptionerParams:
 
 
 @dataclass
+class ConversationsParams:
+    """Where build_conversations gets its LLaVA-Instruct-format conversations (vlmpipe/data/llava.py)."""
+
+    # "synthetic": generated from the shapes-world COCO scenes (needs coco.source: synthetic);
+    # "llava_instruct_150k": llava_instruct_150k.json of the hub dataset liuhaotian/LLaVA-Instruct-150K.
+    source: str = "synthetic"
+    # A LLaVA-format JSON of your own under inputs/data/ (validated, used in place of ``source``).
+    path: str = ""
+    # synthetic: conversations per COCO image.
+    per_image: int = 1
+    # llava_instruct_150k: the dataset's hub revision (a commit hash pins the file), or ``url``: a
+    # mirror's URL of llava_instruct_150k.json in place of the hub's.
+    revision: str = "main"
+    url: str = ""
+    # Conversations about train2017 images held out for evaluation (by image, seeded) when no
+    # conversation is about a val2017 image (LLaVA-Instruct-150K has none).
+    heldout_fraction: float = 0.02
+    # Keep at most this many training conversations (a seeded subset); 0 keeps all.
+    max_conversations: int = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.source in ("synthetic", "llava_instruct_150k"), f"{key}.source",
+               f"must be 'synthetic' or 'llava_instruct_150k', got {self.source!r}")
+        _check_input_path(self.path, f"{key}.path", "data")
+        _check(1 <= self.per_image <= 10, f"{key}.per_image", "must be between 1 and 10")
+        _check_revision(self.revision, f"{key}.revision")
+        _check_url(self.url, f"{key}.url")
+        _check(0 < self.heldout_fraction < 1, f"{key}.heldout_fraction", "must be in (0, 1)")
+        _check(self.max_conversations >= 0, f"{key}.max_conversations", "must be >= 0")
+
+
+@dataclass
+class ChatParams:
+    """train_gpt2_chat: the captioner continued on the conversations (vlmpipe/pipeline/train_chat.py)."""
+
+    # Text tokens per training window (the image prefix not counted); 0: all the LM's positions
+    # left after the prefix. Whole turns that do not fit are dropped from the front.
+    max_seq_len: int = 0
+    max_new_tokens: int = 32
+    # Held-out assistant turns answered by greedy generation after each epoch (exact match); 0: none.
+    eval_turns: int = 300
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=3, batch_size=16, lr=2e-3,
+                                                                   warmup_ratio=0.05, checkpoint_every=100))
+
+    def validate(self, key: str) -> None:
+        _check(self.max_seq_len == 0 or self.max_seq_len >= 16, f"{key}.max_seq_len", "must be 0 (all) or >= 16")
+        _check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "must be >= 1")
+        _check(self.eval_turns >= 0, f"{key}.eval_turns", "must be >= 0")
+
+
+@dataclass
 class EvaluateParams:
     # Cap on held-out images scored per model (0: all).
     max_images: int = 0
@@ -336,6 +387,13 @@ class EvaluateParams:
         _check(self.max_images >= 0, f"{key}.max_images", "must be >= 0")
         _check(self.gallery_images >= 0, f"{key}.gallery_images", "must be >= 0")
         _check(self.device in ("auto", "cpu", "cuda"), f"{key}.device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+def check_endpoint(endpoint: str, key: str) -> None:
+    """``endpoint`` is host:port (the first machine's rendezvous), or a ``UserError`` naming ``key``."""
+    host, _, port = endpoint.rpartition(":")
+    _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, key,
+           f"must be host:port of the first machine when nnodes > 1, got {endpoint!r}")
 
 
 @dataclass
@@ -359,9 +417,7 @@ class LaunchParams:
         _check(self.rdzv_timeout >= 1, f"{key}.rdzv_timeout", "must be >= 1 (seconds)")
         _check(self.fanout in ("none", "srun"), f"{key}.fanout", f"must be 'none' or 'srun', got {self.fanout!r}")
         if self.nnodes > 1:
-            host, _, port = self.rdzv_endpoint.rpartition(":")
-            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, f"{key}.rdzv_endpoint",
-                   f"must be host:port of the first machine when nnodes > 1, got {self.rdzv_endpoint!r}")
+            check_endpoint(self.rdzv_endpoint, f"{key}.rdzv_endpoint")
 
     @property
     def world_size(self) -> int:
@@ -380,6 +436,8 @@ class Params:
     embeddings: EmbeddingsParams = field(default_factory=EmbeddingsParams)
     phi2: Phi2Params = field(default_factory=Phi2Params)
     captioner: CaptionerParams = field(default_factory=CaptionerParams)
+    conversations: ConversationsParams = field(default_factory=ConversationsParams)
+    chat: ChatParams = field(default_factory=ChatParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     launch: LaunchParams = field(default_factory=LaunchParams)
 
@@ -387,12 +445,16 @@ class Params:
         # numpy's legacy seeding takes 32 bits; larger seeds would overflow inside the stage.
         _check(0 <= self.seed < 2**32, "seed", f"must be between 0 and {2**32 - 1}")
         _check(0 < self.lr < 1, "lr", f"must be in (0, 1), got {self.lr}")
+        c = self.conversations
+        _check(c.source != "synthetic" or bool(c.path) or self.coco.source == "synthetic", "conversations.source",
+               "synthetic conversations are about the shapes-world scenes and need coco.source: synthetic "
+               "(with coco2017 use llava_instruct_150k, or a file of your own in conversations.path)")
 
     def check_world(self) -> None:
         """Every training stage's global batch splits evenly over launch's processes: checked when
         params load, so a bad count stops the first stage, before any work, not the third after hours."""
         world = self.launch.world_size
-        for name in ("siglip", "phi2", "captioner"):
+        for name in ("siglip", "phi2", "captioner", "chat"):
             t = getattr(self, name).train
             _check(t.batch_size % (world * t.grad_accum) == 0, f"{name}.train.batch_size",
                    f"{t.batch_size} is not divisible by processes x grad_accum = {world} x {t.grad_accum} "

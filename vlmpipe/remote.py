@@ -30,3 +30,10 @@ def coco_url(name: str, mirror: str = "") -> str:
     """The URL of COCO file ``name``, at ``mirror`` (a base URL) when given."""
     url = COCO_2017[name][0]
     return mirror.rstrip("/") + url.split(COCO_HOST, 1)[1] if mirror else url
+
+# LLaVA-Instruct-150K: the conversations file of the hub dataset, at a revision (branch or commit).
+LLAVA_DATASET, LLAVA_FILE = "liuhaotian/LLaVA-Instruct-150K", "llava_instruct_150k.json"
+
+
+def llava_url(revision: str = "main") -> str:
+    return f"https://huggingface.co/datasets/{LLAVA_DATASET}/resolve/{revision}/{LLAVA_FILE}"

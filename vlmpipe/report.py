@@ -108,12 +108,13 @@ def _png_b64(img: Image.Image, size: int = 128) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def gallery_png(captions: Sequence[CaptionExample], qa: Sequence[QAExample], out: Path) -> Path:
-    """A grid: captioned scenes on top, Q/A images below, text beside each image."""
-    rows = len(captions) + len(qa)
+def gallery_png(captions: Sequence[CaptionExample], qa: Sequence[QAExample], out: Path,
+                chat: Sequence[QAExample] = ()) -> Path:
+    """A grid: captioned scenes on top, Q/A images, then dialogues, text beside each image."""
+    rows = len(captions) + len(qa) + len(chat)
     fig, axes = plt.subplots(max(rows, 1), 2, figsize=(10, 1.9 * max(rows, 1)),
                              gridspec_kw={"width_ratios": [1, 4]}, squeeze=False)
-    items = [("cap", c) for c in captions] + [("qa", q) for q in qa]
+    items = [("cap", c) for c in captions] + [("qa", q) for q in qa] + [("chat", c) for c in chat]
     for (kind, ex), (ax_img, ax_txt) in zip(items, axes):
         ax_img.imshow(ex.image, interpolation="nearest")
         ax_img.axis("off")
@@ -126,8 +127,11 @@ def gallery_png(captions: Sequence[CaptionExample], qa: Sequence[QAExample], out
             colors = ["#444444"]
             for q, a, t in ex.turns[:3]:
                 ok = normalize_answer(a) == normalize_answer(t)  # the rule the accuracy is scored by
-                lines.append(f"Q: {q}  model: {a}  truth: {t}")
+                who = ("Q", "model") if kind == "qa" else ("user", "assistant")
+                lines.append(f"{who[0]}: {q}  {who[1]}: {a}  truth: {t}")
                 colors.append("#1a7a2e" if ok else "#b0201a")
+        # A line wider than the figure defeats tight_layout; the HTML gallery keeps the whole text.
+        lines = [x if len(x) <= 125 else x[:124] + "…" for x in lines]
         for i, (line, c) in enumerate(zip(lines, colors)):
             # parse_math=False: a caption or answer with "$" is text, not matplotlib mathtext
             # (which raises on "$x" and would make a model's odd output crash the report).
@@ -142,7 +146,23 @@ def gallery_png(captions: Sequence[CaptionExample], qa: Sequence[QAExample], out
     return out
 
 
-def gallery_html(captions: Sequence[CaptionExample], qa: Sequence[QAExample], metrics: Mapping, out: Path) -> Path:
+def _dialogue_rows(examples: Sequence[QAExample], turn: str) -> list[str]:
+    """Table rows: the image, then each turn as ``turn`` (``{m}`` the message, ``{a}`` the reply, green
+    when it matches the truth by the rule the scores use, red with the truth beside it otherwise)."""
+    e = html.escape
+    rows = []
+    for ex in examples:
+        lines = "".join(
+            "<div>" + turn.format(m=e(m), a=f"<span class={'ok' if normalize_answer(a) == normalize_answer(t) else 'bad'}>"
+                                            f"{e(a)}</span>") + f" <span class=ref>(truth: {e(t)})</span></div>"
+            for m, a, t in ex.turns)
+        rows.append(f"<tr><td><img src='data:image/png;base64,{_png_b64(ex.image)}'></td>"
+                    f"<td><i>{e(ex.label)}</i>{lines}</td></tr>")
+    return rows
+
+
+def gallery_html(captions: Sequence[CaptionExample], qa: Sequence[QAExample], metrics: Mapping, out: Path,
+                 chat: Sequence[QAExample] = ()) -> Path:
     e = html.escape
     parts = ["<!doctype html><meta charset='utf-8'><title>vlmpipe gallery</title>",
              "<style>body{font-family:sans-serif;max-width:960px;margin:auto}"
@@ -159,26 +179,30 @@ def gallery_html(captions: Sequence[CaptionExample], qa: Sequence[QAExample], me
     vqa = metrics.get("vqa", {})
     parts.append(f"</table><h2>Visual QA</h2><p>accuracy {vqa.get('accuracy', float('nan')):.3f} "
                  f"(blind baseline {vqa.get('blind_baseline', float('nan')):.3f})</p><table>")
-    for q in qa:
-        turns = "".join(
-            f"<div>Q: {e(qq)} — <span class={'ok' if normalize_answer(a) == normalize_answer(t) else 'bad'}>"
-            f"{e(a)}</span> <span class=ref>(truth: {e(t)})</span></div>" for qq, a, t in q.turns)
-        parts.append(f"<tr><td><img src='data:image/png;base64,{_png_b64(q.image)}'></td>"
-                     f"<td><i>{e(q.label)}</i>{turns}</td></tr>")
+    parts += _dialogue_rows(qa, "Q: {m} — {a}")
     parts.append("</table>")
+    if chat:
+        ch = metrics.get("chat", {})
+        parts.append(f"<h2>Chat</h2><p>exact match {ch.get('exact_match', float('nan')):.3f} (blind baseline "
+                     f"{ch.get('blind_baseline', float('nan')):.3f}); follow-ups "
+                     f"{ch.get('by_type', {}).get('followup', float('nan')):.3f}, without the history "
+                     f"{ch.get('followup_no_history', float('nan')):.3f}</p><table>")
+        parts += _dialogue_rows(chat, "user: {m}<br>assistant: {a}")
+        parts.append("</table>")
     write_text(out, "\n".join(parts) + "\n")
     return out
 
 
 def evaluation_reports(reports: Path, metrics: Mapping, qa_examples: Sequence, cap_examples: Sequence,
-                       gallery_images: int, coco_root: Path, cifar_root: Path) -> list[Path]:
+                       gallery_images: int, coco_root: Path, cifar_root: Path,
+                       chat_examples: Sequence = ()) -> list[Path]:
     """The evaluate stage's pictures: training curves, metrics beside baselines, and the gallery
     (PNG and self-contained HTML) of ``gallery_images`` held-out examples per model."""
     from vlmpipe.data.cifar import load_split
     from vlmpipe.data.coco import CocoCaptions
 
     plots = reports / "plots"
-    written = plot_curves({name: reports / name for name in ("siglip", "phi2_vlm", "captioner")}, plots)
+    written = plot_curves({name: reports / name for name in ("siglip", "phi2_vlm", "captioner", "chat")}, plots)
     sig, vqa, cap = metrics["siglip"], metrics["vqa"], metrics["captioner"]
     written.append(plot_baselines([
         ("SigLIP zero-shot", sig["zero_shot_acc"], sig["zero_shot_chance"]),
@@ -187,11 +211,18 @@ def evaluation_reports(reports: Path, metrics: Mapping, qa_examples: Sequence, c
         ("VQA accuracy", vqa["accuracy"], vqa["blind_baseline"]),
         ("CIDEr", cap["cider"], cap["baseline_cider"]),
         ("BLEU-4", cap["bleu4"], cap["baseline_bleu4"]),
+        *([("chat exact match", metrics["chat"]["exact_match"], metrics["chat"]["blind_baseline"])]
+          if "chat" in metrics else []),
     ], plots / "baselines.png"))
     n = gallery_images
     coco_val, cifar_test = CocoCaptions(coco_root, "val"), load_split(cifar_root, "test")
     caps = [CaptionExample(coco_val.image(i), g, refs) for i, g, refs in cap_examples[:n]]
     qa = [QAExample(Image.fromarray(cifar_test.images[idx]), label, [(q, a, t) for q, a, t, _ in turns])
           for idx, label, turns in qa_examples[:n]]
-    return written + [gallery_png(caps, qa, reports / "gallery.png"),
-                      gallery_html(caps, qa, metrics, reports / "gallery.html")]
+    # Dialogues about the held-out COCO images (their own train2017 images where the source has no val ones).
+    coco_train = CocoCaptions(coco_root, "train")
+    val_ids = set(coco_val.ids)
+    chat = [QAExample((coco_val if iid in val_ids else coco_train).image(iid), f"image {iid}",
+                      [(q, a, t) for q, a, t, _ in turns]) for iid, turns in chat_examples[:n]]
+    return written + [gallery_png(caps, qa, reports / "gallery.png", chat),
+                      gallery_html(caps, qa, metrics, reports / "gallery.html", chat)]

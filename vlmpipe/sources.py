@@ -99,6 +99,13 @@ def stage_needs(stage: str, p) -> list[Need]:
                                  p.cifar.url or remote.CIFAR_10[0],
                                  f"put {dest.name} in {dest.parent}, or set cifar.local_path to a copy of it, "
                                  "or cifar.url to a mirror"))
+    c = p.conversations
+    if stage == "build_conversations" and c.source == "llava_instruct_150k" and not c.path:
+        dest = default_download_dir() / "llava-instruct-150k" / c.revision / remote.LLAVA_FILE
+        out.append(_url_need("conversations.url" if c.url else "conversations.source", remote.LLAVA_FILE, dest,
+                             c.url or remote.llava_url(c.revision),
+                             f"put {remote.LLAVA_FILE} in {dest.parent}, or set conversations.path to a copy "
+                             "under inputs/data/, or conversations.url to a mirror"))
     if stage == "train_siglip":
         if p.siglip.pretrained and p.siglip.backbone in remote.IMAGENET_WEIGHTS:
             import torch

@@ -532,7 +532,7 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
         tokens = int(sum(t for _, t in vals))
         samples = clock["samples"] * world
         seen = {"seconds": seen["seconds"] + dt, "samples": seen["samples"] + samples,
-                "tokens": seen["tokens"] + tokens, "flops": seen.get("flops", 0) + clock["flops"] * world}
+                "tokens": seen["tokens"] + tokens, "flops": seen["flops"] + clock["flops"] * world}
         for (row, _, _), (loss, _) in zip(pending, vals):
             train_rows.append({"step": row["step"], "epoch": row["epoch"], "loss": loss / world, "lr": row["lr"]})
         last = train_rows[-1]

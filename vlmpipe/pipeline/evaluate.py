@@ -7,15 +7,18 @@ import torch
 from tqdm import tqdm
 
 from vlmpipe import embeddings
+from vlmpipe.data import llava
 from vlmpipe.data.captions import caption_split
+from vlmpipe.data.chat import ChatDataset, load_conversations
 from vlmpipe.data.cifar import load_split
 from vlmpipe.data.coco import CocoCaptions
 from vlmpipe.data.conversations import QADataset, frame_conversations
 from vlmpipe.data.image_texts import image_texts, retrieval_captions
 from vlmpipe.data.qa import read_qa_csv
-from vlmpipe.evaluation import caption_scores, most_common_caption, vqa_accuracy
-from vlmpipe.heldout import blind_baseline, predict_turns, retrieval_metrics
+from vlmpipe.evaluation import BlindBaseline, caption_scores, most_common_caption, vqa_accuracy
+from vlmpipe.heldout import blind_baseline, chat_answers, chat_scores, predict_turns, retrieval_metrics
 from vlmpipe.models.captioner import load_captioner
+from vlmpipe.models.chat_model import load_chat_model
 from vlmpipe.models.qa_model import load_qa_model
 from vlmpipe.models.siglip import load_siglip
 
@@ -93,10 +96,45 @@ def evaluate_captioner(model_dir, embeddings_root, coco_root, limit: int = 0, me
     return metrics, [(i, cands[i], refs[i]) for i in ids]
 
 
+def evaluate_chat(model_dir, conversations_root, embeddings_root, limit: int = 0, device="cpu"):
+    """Exact match on held-out conversations, turn by turn with the true earlier turns as history, by turn
+    type; follow-ups again with the history removed; the blind baseline (the most frequent training
+    answer to the same question, never seeing the image); NLL per assistant token.
+
+    Returns (metrics, examples) where examples[i] = (image id, [(message, reply, truth, type)]).
+    """
+    model = load_chat_model(model_dir, device=device)
+    feats, rows, convs, types, records = load_conversations(conversations_root, "val", embeddings_root,
+                                                            model.config.encoder)
+    n = _first(len(convs), limit)
+    data = ChatDataset(model.tokenizer, feats, rows[:n], convs[:n], model.window)
+    turns = [(i, j) for i in range(n) for j in range(len(convs[i]))]
+    replies = chat_answers(model, data, turns)
+    truth = [(convs[i][j][0], convs[i][j][1], types[i][j]) for i, j in turns]
+    metrics = vqa_accuracy([(p, a, t) for p, (_, a, t) in zip(replies, truth)])
+    train_records, train_types = llava.load_split(conversations_root, "train")
+    blind = BlindBaseline((q, a, t) for r in train_records
+                          for (q, a), t in zip(llava.turns_of(r), train_types.get(str(r["id"]))
+                                               or llava.default_types(len(r["conversations"]) // 2)))
+    blind_acc = vqa_accuracy([(blind(q, t), a, t) for q, a, t in truth])
+    follow = [k for k, (_, _, t) in enumerate(truth) if t == "followup"]
+    out = {"exact_match": metrics["accuracy"], "blind_baseline": blind_acc["accuracy"],
+           "n_turns": metrics["n_questions"], "n_conversations": n,
+           "by_type": metrics["by_type"], "blind_by_type": blind_acc["by_type"],
+           "nll_per_token": chat_scores(model, data)["val_loss"]}
+    if follow:  # the same follow-up questions asked with the conversation before them removed
+        alone = chat_answers(model, data, [turns[k] for k in follow], history=False)
+        out["followup_no_history"] = vqa_accuracy([(p, truth[k][1], "followup") for p, k in zip(alone, follow)])["accuracy"]
+    examples = [(llava.image_id(r["image"]), []) for r in records[:n]]
+    for (i, _), reply, (q, a, t) in zip(turns, replies, truth):
+        examples[i][1].append((q, reply, a, t))
+    return out, examples
+
+
 def run_stage(e, *, csv_path, cifar_root, coco_root, embeddings_root, siglip_dir, qa_dir, captioner_dir,
-              device) -> tuple[dict, list, list]:
+              chat_dir, conversations_root, device) -> tuple[dict, list, list, list]:
     """Every model on held-out data (``EvaluateParams`` ``e``): the ``reports/metrics.json`` sections
-    (each metric beside its baseline), and the QA and caption examples for the gallery."""
+    (each metric beside its baseline), and the QA, caption and chat examples for the gallery."""
     df = read_qa_csv(csv_path, cifar_root)
     log.info("scoring SigLIP on %s", device)
     sig = evaluate_siglip(siglip_dir, cifar_root, df, e.max_images, device=device)
@@ -106,6 +144,8 @@ def run_stage(e, *, csv_path, cifar_root, coco_root, embeddings_root, siglip_dir
     cap, cap_examples = evaluate_captioner(captioner_dir, embeddings_root, coco_root, e.max_images, device=device)
     if cap["meteor"] is None:
         log.warning("captioner.meteor is null: %s", cap.get("meteor_skipped"))
+    log.info("scoring the chat model")
+    chat, chat_examples = evaluate_chat(chat_dir, conversations_root, embeddings_root, e.max_images, device=device)
 
     def r4(d: dict) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
@@ -115,5 +155,7 @@ def run_stage(e, *, csv_path, cifar_root, coco_root, embeddings_root, siglip_dir
                 "n_questions": vqa["n_questions"], "by_type": r4(vqa["by_type"]),
                 "blind_by_type": r4(vqa["blind_by_type"])},
         "captioner": r4({k: v for k, v in cap.items() if k != "baseline_caption"}),
+        "chat": {k: r4(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v
+                 for k, v in chat.items()},
     }
-    return metrics, qa_examples, cap_examples
+    return metrics, qa_examples, cap_examples, chat_examples

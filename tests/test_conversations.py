@@ -1,0 +1,204 @@
+"""build_conversations: the LLaVA-Instruct format, its validation, and the shapes-world dialogues."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from vlmpipe.data import llava, scene_dialogues, shapes
+from vlmpipe.data.coco import CocoCaptions
+from vlmpipe.errors import UserError
+from vlmpipe.params import ConversationsParams
+
+
+def _rec(rid="1", image="000000000001.jpg", turns=(("<image>\nWhat is it?", "a star"),)):
+    conv = []
+    for q, a in turns:
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return {"id": rid, "image": image, "conversations": conv}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda r: r["conversations"][0].update(value="What is it?"), "record 1 (id 'b'): the first human turn has no <image>"),
+    (lambda r: r["conversations"][1].update({"from": "human"}), "record 1 (id 'b'): turn 1 is from 'human', expected 'gpt'"),
+    (lambda r: r["conversations"][1].update(value="  "), "record 1 (id 'b'): turn 1 has an empty value"),
+    (lambda r: r["conversations"].pop(), "record 1 (id 'b'): conversations must be a list of at least one human"),
+    (lambda r: r.pop("image"), "record 1 (id 'b'): missing key 'image'"),
+    (lambda r: r.update(id="a"), "record 1 (id 'a'): id must be a string, unique"),
+])
+def test_validation_names_the_record_and_the_problem(tmp_path, bad, message):
+    good, broken = _rec("a"), _rec("b")
+    bad(broken)
+    f = tmp_path / "conv.json"
+    f.write_text(json.dumps([good, broken]))
+    with pytest.raises(UserError) as e:
+        llava.read(f)
+    assert str(e.value).startswith(f"{f}: {message}"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_not_json_and_not_a_list_are_one_line_errors(tmp_path):
+    f = tmp_path / "conv.json"
+    f.write_text('[{"id": "1", ')
+    with pytest.raises(UserError, match=r"conv.json: not JSON"):
+        llava.read(f)
+    f.write_text('{"id": "1"}')
+    with pytest.raises(UserError, match=r"not a LLaVA-format file \(expected a JSON list"):
+        llava.read(f)
+
+
+def test_image_marker_and_turns_of_a_record():
+    r = _rec(turns=(("What is it?\n<image>", "a star"), ("And its colour?", "red")))
+    assert llava.turns_of(r) == [("What is it?", "a star"), ("And its colour?", "red")]
+    assert llava.image_id("train2017/000000033471.jpg") == 33471 and llava.image_id("cat.jpg") is None
+    made = llava.record("7", "000000000007.jpg", [("q1", "a1"), ("q2", "a2")])
+    assert made["conversations"][0]["value"] == "<image>\nq1" and llava.validate([made], "x")
+
+
+# ------------------------------------------------------------------ the shapes-world dialogues
+
+
+def _facts(scene: shapes.Scene) -> dict:
+    return {s.kind: s for s in scene.shapes}
+
+
+def test_synthetic_answers_are_true_to_the_scene(tiny_coco):
+    records, types = scene_dialogues.build(tiny_coco, seed=0)
+    scenes = {iid: sc for split in ("train", "val") for iid, _, sc in scene_dialogues.scenes(tiny_coco, split, 0)}
+    assert len(records) == len(scenes) == 18
+    checked = 0
+    for r in records:
+        sc = scenes[llava.image_id(r["image"])]
+        kinds = _facts(sc)
+        turns, kinds_of_turns = llava.turns_of(r), types[r["id"]]
+        assert 2 <= len(turns) <= 4 and len(kinds_of_turns) == len(turns)
+        assert r["conversations"][0]["value"].startswith("<image>\n")
+        for (q, a), t in zip(turns, kinds_of_turns):
+            if t == "describe":
+                assert a == scene_dialogues.describe(sc)
+                for s in sc.shapes:
+                    assert f"{s.size} {s.colour} {s.kind} in the {shapes.QUADRANT_NAMES[s.quadrant]}" in a
+            elif q.startswith("How many shapes"):
+                assert a == scene_dialogues.NUMBERS[len(sc.shapes)]
+            elif q.startswith("What colour is the "):
+                assert a == kinds[q[len("What colour is the "):-1]].colour
+            elif q.startswith("Is there a "):
+                assert a == ("yes" if q[len("Is there a "):-len(" in the image?")] in kinds else "no")
+            elif q.startswith("What is in the "):
+                quad = shapes.QUADRANT_NAMES.index(q[len("What is in the "):-1])
+                here = [s for s in sc.shapes if s.quadrant == quad]
+                assert a == (f"a {here[0].kind}" if here and here[0].kind[0] not in "aeiou" else
+                             f"an {here[0].kind}" if here else "nothing")
+            elif q == "Is the background light or dark?":
+                assert a == sc.background
+            else:
+                continue
+            checked += 1
+            if t == "followup":
+                assert len(sc.shapes) > 1  # in a one-shape scene "it" would need no history
+    assert checked > 20
+
+
+def test_followups_need_the_earlier_turn():
+    """A follow-up refers back: "it" is the shape the conversation is on, "and ...?" repeats the last question."""
+    rng = np.random.default_rng(0)
+    seen = 0
+    for k in range(300):
+        scene = shapes.random_scene(rng, 64)
+        turns, types = scene_dialogues.dialogue(scene, np.random.default_rng([k]))
+        for j, ((q, a), t) in enumerate(zip(turns, types)):
+            if t != "followup":
+                continue
+            seen += 1
+            assert j > 0 and types[j - 1] != "describe"
+            assert q.startswith(("What colour is it", "Is it small", "Where is it", "And the ", "And in the ")), q
+            if q.startswith("And the "):
+                other = _facts(scene)[q[len("And the "):-1]]
+                assert a in (other.colour, other.size, f"in the {shapes.QUADRANT_NAMES[other.quadrant]}")
+        assert len({q for q, _ in turns}) == len(turns) or len(turns) > 3  # no question twice (8 draws)
+    assert seen > 100
+
+
+def test_synthetic_build_is_deterministic_and_holds_out_val_images(tiny_coco, tmp_path):
+    p = ConversationsParams()
+    a = llava.build(p, 0, tiny_coco, tmp_path / "a")
+    llava.build(p, 0, tiny_coco, tmp_path / "b")
+    for name in llava.FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    val_ids, train_ids = set(CocoCaptions(tiny_coco, "val").ids), set(CocoCaptions(tiny_coco, "train").ids)
+    val, _ = llava.load_split(tmp_path / "a", "val")
+    train, types = llava.load_split(tmp_path / "a", "train")
+    assert {llava.image_id(r["image"]) for r in val} == val_ids
+    assert {llava.image_id(r["image"]) for r in train} == train_ids
+    assert a["train"] == 12 and a["val"] == 6 and set(types) == {r["id"] for r in train + val}
+    two = llava.build(replace(p, per_image=2), 0, tiny_coco, tmp_path / "c")
+    assert two["train"] == 24
+
+
+def test_synthetic_refuses_a_coco_of_another_seed(tiny_coco, tmp_path):
+    with pytest.raises(UserError, match=r"image \d+ is not the shapes-world scene of seed 3"):
+        llava.build(ConversationsParams(), 3, tiny_coco, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ a LLaVA-format file
+
+
+def _llava_file(tmp_path, coco_root, extra=()):
+    train = CocoCaptions(coco_root, "train").ids
+    recs = [_rec(f"{i:012d}", f"{i:012d}.jpg", (("<image>\nWhat is in the picture?", "shapes on a background"),
+                                                  ("Is there a cat?", "No, there is no cat.")))
+            for i in train]
+    f = tmp_path / "inputs" / "data" / "mine.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps(recs + list(extra)))
+    return f
+
+
+def test_llava_file_is_joined_with_coco_and_absent_images_are_counted(tiny_coco, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    _llava_file(tmp_path, tiny_coco, [_rec("x", "000000999999.jpg"), _rec("y", "cat.jpg")])
+    p = ConversationsParams(path="inputs/data/mine.json", heldout_fraction=0.2)
+    s = llava.build(p, 0, tiny_coco, tmp_path / "out")
+    assert s["dropped"] == {f"image not in {tiny_coco}": 1, "image is not a COCO file name": 1}
+    assert "the first: id 'x', image '000000999999.jpg'" in caplog.text
+    # All 12 are train2017 images: a seeded fifth of them is held out, every conversation of each.
+    assert s["val"] == round(0.2 * 12) and s["train"] + s["val"] == 12 and s["train_turns"] == 2 * s["train"]
+    val, types = llava.load_split(tmp_path / "out", "val")
+    train, _ = llava.load_split(tmp_path / "out", "train")
+    assert not {r["image"] for r in val} & {r["image"] for r in train} and types == {}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["sha256"]
+
+
+def test_llava_download_comes_from_the_url_param(tiny_coco, tmp_path, file_server):
+    f = _llava_file(tmp_path, tiny_coco)
+    file_server.files["/mirror/llava_instruct_150k.json"] = f.read_bytes()
+    p = ConversationsParams(source="llava_instruct_150k", url=file_server.url("/mirror/llava_instruct_150k.json"))
+    s = llava.build(p, 0, tiny_coco, tmp_path / "out", download_dir=tmp_path / "dl")
+    assert s["train"] + s["val"] == 12 and s["file"] == "llava_instruct_150k.json"
+    assert (tmp_path / "dl" / "llava-instruct-150k" / "main" / "llava_instruct_150k.json").is_file()
+    # Cached: a second build does not ask the server again.
+    n = len(file_server.log)
+    llava.build(p, 0, tiny_coco, tmp_path / "out2", download_dir=tmp_path / "dl")
+    assert len(file_server.log) == n
+
+
+def test_a_coco_without_the_conversations_images_is_one_line(tiny_coco, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "inputs" / "data" / "other.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps([_rec("1", "000000999999.jpg")]))
+    with pytest.raises(UserError, match=r"conversations: 0 training and 0 held-out conversations"):
+        llava.build(ConversationsParams(path="inputs/data/other.json"), 0, tiny_coco, tmp_path / "out")
+
+
+def test_params_refuse_synthetic_conversations_about_real_coco():
+    from vlmpipe.params import from_dict
+
+    with pytest.raises(UserError, match=r"^conversations.source: synthetic conversations .* need coco.source"):
+        from_dict({"coco": {"source": "coco2017"}})
+    assert from_dict({"coco": {"source": "coco2017"}, "conversations": {"source": "llava_instruct_150k"}})
+    with pytest.raises(UserError, match=r"^conversations.path: .* is outside inputs/data/"):
+        from_dict({"conversations": {"path": "/tmp/x.json"}})

@@ -1,0 +1,156 @@
+"""Multi-turn conversations as training examples for the chat model.
+
+The chat template (``TEMPLATE``, recorded in the saved model)::
+
+    [K image prefix vectors]User: {q1}\\nAssistant: {a1}<eos>User: {q2}\\nAssistant: {a2}<eos> ...
+
+Each turn is tokenized piecewise — ``"User: {q}\\nAssistant:"``, then ``" {a}"``, then the EOS
+id — so the assistant's tokens are known exactly; labels cover them and each EOS (which teaches
+the model to stop), never the user's text or padding. The image is the prefix, so the
+``<image>`` marker of the LLaVA text is dropped.
+
+A conversation longer than the LM's positions is cut into *windows* at turn boundaries: the last
+window holds the latest turns that fit, the one before it the turns before those, and so on, so
+every assistant turn is trained once, with as much of the earlier conversation as fits in front
+of it (whole turns dropped from the front). A single turn longer than the window keeps its start.
+At inference the prompt is the earlier turns — oldest dropped first — then ``"User: {q}\\nAssistant:"``:
+what training saw before that answer.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from vlmpipe import embeddings
+from vlmpipe.data import llava
+from vlmpipe.data.collate import IGNORE_INDEX
+from vlmpipe.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = {
+    "name": "chat-v1",
+    "image": "K prefix vectors from the projector, before any text",
+    "user": "User: {text}\nAssistant:",
+    "assistant": " {text}",
+    "turn_end": "<eos>",
+    "labels": "assistant tokens + the EOS after each assistant turn",
+}
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def user_text(text: str) -> str:
+    return TEMPLATE["user"].format(text=" ".join(str(text).split()))
+
+
+def assistant_text(text: str) -> str:
+    return TEMPLATE["assistant"].format(text=" ".join(str(text).split()))
+
+
+def encode_turns(tokenizer, turns: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each (user, assistant) turn."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for q, a in turns:
+        q_ids, a_ids = _ids(tokenizer, user_text(q)), _ids(tokenizer, assistant_text(a)) + [eos]
+        out.append((q_ids + a_ids, [IGNORE_INDEX] * len(q_ids) + a_ids))
+    return out
+
+
+def windows(encoded: Sequence[tuple[list[int], list[int]]], max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Training windows of one conversation's encoded turns (see the module text), oldest first."""
+    out = []
+    end = len(encoded)
+    while end > 0:
+        start, size = end - 1, len(encoded[end - 1][0])
+        while start > 0 and size + len(encoded[start - 1][0]) <= max_tokens:
+            start -= 1
+            size += len(encoded[start][0])
+        ids = [t for turn in encoded[start:end] for t in turn[0]][:max_tokens]
+        labels = [t for turn in encoded[start:end] for t in turn[1]][:max_tokens]
+        out.append((ids, labels))
+        end = start
+    return out[::-1]
+
+
+def encode_prompt(tokenizer, message: str, history: Sequence[tuple[str, str]] = (),
+                  max_tokens: int | None = None) -> list[int]:
+    """Prompt ids for ``message`` after the earlier ``history`` turns (oldest dropped first if too long)."""
+    tail = _ids(tokenizer, user_text(message))
+    turns = [ids for ids, _ in encode_turns(tokenizer, history)]
+    while turns and max_tokens is not None and sum(map(len, turns)) + len(tail) > max_tokens:
+        turns.pop(0)
+    ids = [t for turn in turns for t in turn] + tail
+    return ids[-max_tokens:] if max_tokens is not None else ids
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """Conversations paired with cached image features, as training windows tokenized once up front.
+
+    ``feats``: Tensor [N, R, D]; ``conversations[i]``: the (user, assistant) turns about image row
+    ``image_rows[i]`` of ``feats`` (kept raw too, for evaluation). Items: ``{"feats", "input_ids", "labels"}``.
+    """
+
+    def __init__(self, tokenizer, feats: torch.Tensor, image_rows: Sequence[int],
+                 conversations: Sequence[Sequence[tuple[str, str]]], max_tokens: int) -> None:
+        if len(image_rows) != len(conversations):
+            raise ValueError(f"{len(image_rows)} image rows but {len(conversations)} conversations")
+        self.feats, self.image_rows = feats, list(image_rows)
+        self.conversations = [list(c) for c in conversations]
+        self.items: list[tuple[int, list[int], list[int]]] = []
+        split = 0
+        for i, conv in enumerate(self.conversations):
+            w = windows(encode_turns(tokenizer, conv), max_tokens)
+            split += len(w) > 1
+            self.items += [(i, ids, labels) for ids, labels in w]
+        if split:
+            log.info("%d of %d conversations are longer than %d tokens: cut into %d windows at turn boundaries",
+                     split, len(conversations), max_tokens, len(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        conv, ids, labels = self.items[i]
+        return {"feats": self.feats[self.image_rows[conv]], "input_ids": ids, "labels": labels}
+
+    def num_tokens(self) -> int:
+        return sum(len(ids) for _, ids, _ in self.items)
+
+
+def conversation_features(records: Sequence[dict], embeddings_root: Path, encoder: dict, where: Path
+                          ) -> tuple[torch.Tensor, list[int]]:
+    """(features [M, R, D], the row of each record's image): the cached COCO features of the images the
+    ``records`` are about, from the train or val cache (``where``: the file that names them)."""
+    caches = [embeddings.load(embeddings_root, "coco", s, expect_encoder=dict(encoder)) for s in ("train", "val")]
+    index = {}
+    for c, cache in enumerate(caches):
+        for r, i in enumerate(cache.ids.tolist()):
+            index.setdefault(int(i), (c, r))
+    order: dict[int, int] = {}
+    rows = []
+    for rec in records:
+        iid = llava.image_id(rec["image"])
+        if iid not in index:
+            raise UserError(f"{where}: record {rec['id']!r} is about image {rec['image']}, which has no cached "
+                            f"features in {embeddings_root} (rerun `dvc repro build_conversations`)")
+        rows.append(order.setdefault(iid, len(order)))
+    picks = [index[i] for i in order]
+    feats = torch.stack([torch.as_tensor(caches[c].embeddings[r]) for c, r in picks]) if picks else torch.empty(0)
+    return feats, rows
+
+
+def load_conversations(conv_root: Path, split: str, embeddings_root: Path, encoder: dict
+                       ) -> tuple[torch.Tensor, list[int], list[list[tuple[str, str]]], list[list[str]], list[dict]]:
+    """(features, image rows, turns, turn types, records) of ``data/conversations/{split}.json``."""
+    records, types = llava.load_split(conv_root, split)
+    feats, rows = conversation_features(records, embeddings_root, encoder, conv_root / f"{split}.json")
+    turns = [llava.turns_of(r) for r in records]
+    kinds = [types.get(str(r["id"])) or llava.default_types(len(t)) for r, t in zip(records, turns)]
+    return feats, rows, turns, kinds, records
