@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # starves the other thread (measured: ~25 vs ~230 images/s). Let idle threads sleep.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: repro test venv clean-venv
+.PHONY: repro test venv clean-venv browser
 
 venv: $(STAMP)
 
@@ -28,8 +28,23 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 repro: $(STAMP)
 	dvc repro
 
-test: $(STAMP)
+test: $(STAMP) browser
 	python -m pytest -q --durations=12 tests
+
+# The demo's browser test drives Debian's chromium through its matching chromedriver. Installed
+# with apt when missing (as root, or through sudo); where that cannot be done the test is skipped
+# with the reason, unless VLMPIPE_REQUIRE_BROWSER=1 (as in CI) makes it fail.
+BROWSER_PKGS := chromium chromium-driver
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo -n"; \
+	  else echo "make: no root or sudo to install $(BROWSER_PKGS); the browser test will be skipped"; exit 0; fi; \
+	  echo "installing $(BROWSER_PKGS) with apt (for the demo's browser test)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$sudo apt-get install -y -q $(BROWSER_PKGS) >/dev/null 2>&1 || \
+	    { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q $(BROWSER_PKGS) >/dev/null; } || \
+	    echo "make: could not install $(BROWSER_PKGS); the browser test will be skipped"; \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,8 +3,9 @@
     python -m vlmpipe caption IMAGE [IMAGE ...] [--model models/captioner] [--beam-size N]
     python -m vlmpipe ask IMAGE "question" [--history "q1" "a1" ...] [--model models/phi2_vlm]
     python -m vlmpipe chat IMAGE [--message "..." ...] [--model chat|qa|DIR]
+    python -m vlmpipe serve [--port 7860] [--host 127.0.0.1]
 
-Both are deterministic (greedy or beam search, no sampling).
+All are deterministic (greedy or beam search, no sampling).
 """
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--model", default="chat",
                     help="chat (models/chat), qa (the Phi-2 QA model, models/phi2_vlm) or a model folder "
                          "(default: %(default)s)")
+
+    sv = sub.add_parser("serve", help="a local web demo: caption an image, ask about it, chat (Ctrl-C stops it)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=int, default=7860, help="TCP port (default: %(default)s)")
+    sv.add_argument("--captioner", default="models/captioner", help="captioner directory (default: %(default)s)")
+    sv.add_argument("--qa", default="models/phi2_vlm", help="QA model directory (default: %(default)s)")
+    sv.add_argument("--chat", default="models/chat", help="chat model directory (default: %(default)s)")
+    sv.add_argument("--coco", default="data/coco",
+                    help="data/coco folder whose held-out images the page offers (default: %(default)s)")
     return ap
 
 
@@ -50,6 +61,10 @@ def _run(argv: list[str]) -> None:
     if args.command == "caption":
         for path, text in zip(args.images, cli.caption_files(args.model, args.images, beam_size=args.beam_size)):
             sys.stdout.write(f"{path}\t{_one_line(text)}\n")
+    elif args.command == "serve":
+        from vlmpipe.serve import serve
+
+        serve(args.host, args.port, args.captioner, args.qa, args.chat, args.coco)
     elif args.command == "chat":
         cli.chat(args.image, args.model, args.message, write=lambda text: print(_one_line(text), flush=True))
     else:
