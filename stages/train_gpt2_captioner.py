@@ -23,6 +23,7 @@ from pathlib import Path
 from vlmpipe.pipeline import train_captioner
 from vlmpipe.errors import stage_entry
 from vlmpipe.params import flatten, load_params, to_dict
+from vlmpipe import registry
 from vlmpipe.runtime import seed_everything
 from vlmpipe.sources import preflight
 from vlmpipe.tracking import stage_run
@@ -46,6 +47,7 @@ def main() -> None:
                                        siglip_dir=SIGLIP, out_dir=OUT, ckpt_dir=CKPT, report_dir=REPORTS, run=run)
         if rank == 0:
             run.log_artifact(OUT / "model.json")
+            registry.log_model(run, "captioner", OUT)
             log.info("captioner done in %.0fs (%d ranks): val_loss %.4f, %.0f samples/s, %.0f tokens/s, MFU %s",
                      time.perf_counter() - t0, world, res.metrics.get("val_loss", float("nan")),
                      res.samples_per_s, res.tokens_per_s, mfu_text(res.speed))

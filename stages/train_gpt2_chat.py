@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vlmpipe.errors import stage_entry
 from vlmpipe.params import flatten, load_params, to_dict
+from vlmpipe import registry
 from vlmpipe.pipeline import train_chat
 from vlmpipe.runtime import seed_everything
 from vlmpipe.sources import preflight
@@ -44,6 +45,7 @@ def main() -> None:
                                    run=run)
         if rank == 0:
             run.log_artifact(OUT / "model.json")
+            registry.log_model(run, "chat", OUT)
             log.info("chat done in %.0fs (%d ranks): val_loss %.4f, exact match %.3f, %.0f tokens/s, MFU %s",
                      time.perf_counter() - t0, world, res.metrics.get("val_loss", float("nan")),
                      res.metrics.get("exact_match", float("nan")), res.tokens_per_s, mfu_text(res.speed))

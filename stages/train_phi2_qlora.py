@@ -23,6 +23,7 @@ from pathlib import Path
 from vlmpipe.pipeline import train_qa
 from vlmpipe.errors import stage_entry
 from vlmpipe.params import flatten, load_params, to_dict
+from vlmpipe import registry
 from vlmpipe.runtime import seed_everything
 from vlmpipe.sources import preflight
 from vlmpipe.tracking import stage_run
@@ -48,6 +49,7 @@ def main() -> None:
         m = res.metrics
         if rank == 0:
             run.log_artifact(OUT / "model.json")
+            registry.log_model(run, "qa", OUT)
             log.info("phi2_vlm done in %.0fs (%d ranks): held-out exact match %.3f (blind baseline %.3f), "
                      "val_loss %.4f; %.0f tokens/s, MFU %s", time.perf_counter() - t0, world,
                      m.get("exact_match", float("nan")), m.get("blind_exact_match", float("nan")),

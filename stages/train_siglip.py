@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from vlmpipe.pipeline import train_siglip  # noqa: E402
 from vlmpipe.errors import stage_entry  # noqa: E402
 from vlmpipe.params import flatten, load_params, to_dict  # noqa: E402
+from vlmpipe import registry  # noqa: E402
 from vlmpipe.runtime import seed_everything  # noqa: E402
 from vlmpipe.sources import preflight  # noqa: E402
 from vlmpipe.tracking import stage_run  # noqa: E402
@@ -47,6 +48,7 @@ def main() -> None:
                                     report_dir=REPORTS, run=run)
         if rank == 0:
             run.log_artifact(OUT / "config.json")
+            registry.log_model(run, "siglip", OUT)
             m = res.metrics
             log.info("siglip done in %.0fs (%d ranks): zero-shot %.3f (chance %.3f), i2t R@1 %.3f, t2i R@1 %.3f "
                      "(chance %.3f); %.0f samples/s, MFU %s", time.perf_counter() - t0, world, m.get("zero_shot_acc", 0),

@@ -6,10 +6,13 @@ means editing it (say, the CLI) retrains models for nothing. The closure is comp
 sources: every ``import``/``from ... import`` of ``vlmpipe`` anywhere in a file (function-level
 ones too), followed through the files they name, package ``__init__.py`` files included (they run
 on import; ``vlmpipe/__init__.py`` pins the CPU kernels, which changes every trained number).
+A notebook a stage script names (a string ending in ``.ipynb``) runs as part of the stage: it is a
+dep, and so is every module its code cells import.
 """
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -27,9 +30,20 @@ def _module_files(name: str) -> set[Path]:
     return {f for f in out if f.is_file()}
 
 
+def _source(f: Path) -> str:
+    """Python source of ``f``; of a notebook, its code cells (they must be plain Python, no magics)."""
+    if f.suffix == ".ipynb":
+        cells = json.loads(f.read_text())["cells"]
+        return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return f.read_text()
+
+
 def _imports(py: Path) -> set[Path]:
     out: set[Path] = set()
-    for node in ast.walk(ast.parse(py.read_text(), str(py))):
+    for node in ast.walk(ast.parse(_source(py), str(py))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".ipynb"):
+            out.add(ROOT / node.value)  # a notebook the stage executes
+            continue
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -66,7 +80,7 @@ def cmd_closure(cmd: str) -> set[str]:
 def test_deps_are_exactly_the_import_closure(stage):
     spec = STAGES[stage]
     want = cmd_closure(spec["cmd"])
-    listed = {d for d in spec["deps"] if d.endswith(".py")}
+    listed = {d for d in spec["deps"] if d.endswith((".py", ".ipynb"))}
     assert not want - listed, f"{stage}: imports but does not list {sorted(want - listed)}"
     assert not listed - want, f"{stage}: lists but does not import {sorted(listed - want)}"
 
@@ -82,6 +96,10 @@ def test_closures_stay_tight():
     # A training stage reaches its own model, not the others'.
     assert "vlmpipe/models/qa_model.py" not in closure(ROOT / "stages/train_gpt2_captioner.py")
     assert "vlmpipe/models/captioner.py" not in closure(ROOT / "stages/train_phi2_qlora.py")
+    # The exploration notebook reads data only: editing a model or a training loop never reruns it.
+    explore = closure(ROOT / "stages/explore_data.py")
+    assert "notebooks/01_data_exploration.ipynb" in explore, explore
+    assert not [d for d in explore if "/models/" in d or "/pipeline/" in d or d.endswith(("train.py", "heldout.py"))], explore
     for stage, spec in STAGES.items():
         assert "vlmpipe/cli.py" not in spec["deps"] and "vlmpipe/__main__.py" not in spec["deps"], stage
 

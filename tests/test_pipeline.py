@@ -11,7 +11,8 @@ VQA_KEYS = {"accuracy", "blind_baseline", "by_type"}
 CAPTION_KEYS = {"bleu4", "cider", "rougeL", "meteor", "baseline_cider"}
 CHAT_KEYS = {"exact_match", "blind_baseline", "by_type", "blind_by_type", "followup_no_history", "nll_per_token"}
 ALL_STAGES = {"download_coco", "build_cifar_qa_csv", "train_siglip", "precompute_embeddings",
-              "train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate"}
+              "train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate",
+              "explore_data"}
 
 
 def test_whole_dag_runs_and_every_model_beats_its_baseline(tiny_repo):
@@ -44,6 +45,7 @@ def test_whole_dag_runs_and_every_model_beats_its_baseline(tiny_repo):
         rows = (reports / name / "train_curve.csv").read_text().splitlines()
         assert len(rows) > 2 and rows[0].startswith("step,")
     assert Image.open(reports / "gallery.png").size[1] > 200
+    assert "3. Conversations" in (reports / "data_exploration.html").read_text()  # the last section rendered
     html = (reports / "gallery.html").read_text()
     assert "truth:" in html and "<h2>Chat</h2>" in html and "assistant:" in html
 

@@ -36,8 +36,9 @@ def test_upstream_and_finished_stages_are_not_checked_again(tmp_path):
             "data/embeddings")
     got = stages_to_check("train_phi2_qlora", _repo(tmp_path, done))
     # Upstream stages ran already (their archives may be gone); the captioner, the conversations, the chat
-    # model and evaluate are still to come.
-    assert got == ["train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate"]
+    # model, evaluate and the data-exploration page are still to come.
+    assert got == ["train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate",
+                   "explore_data"]
 
 
 @pytest.fixture
