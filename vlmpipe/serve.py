@@ -121,9 +121,11 @@ class Demo:
 
     def add_image(self, image) -> dict:
         """Featurise ``image`` for every encoder, caption it; returns the page's view of it."""
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")  # hash the pixels, so the same picture re-uploaded hits the cache
-        token = hashlib.sha256(buf.getvalue()).hexdigest()[:20]
+        # The pixels (and their shape), not the file: the same picture re-uploaded or picked again
+        # hits the cache, with no re-encoding on the way to the model.
+        digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+        digest.update(image.tobytes())
+        token = digest.hexdigest()[:20]
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
             entry = self._cache.get(token)
