@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlmpipe.errors import setup_logging  # noqa: E402
+from vlmpipe.core.errors import setup_logging  # noqa: E402
 
 log = logging.getLogger("bench_caption_cache")
 
@@ -69,13 +69,13 @@ class _Images:
 
 def _encoder(p, texts: list[str], root: Path):
     """``fn(images) -> [b, R, D]`` of the captioner's frozen encoder, and where it came from."""
-    from vlmpipe import embeddings
+    from vlmpipe.data import features as embeddings
 
     enc = p.captioner.vision_encoder
     if enc != "siglip":
         fn, _ = embeddings.clip_encoder(enc, p.captioner.regions, torch.device("cpu"))
         return fn, enc
-    from vlmpipe.models.siglip import build_siglip, load_siglip
+    from vlmpipe.models.siglip.model import build_siglip, load_siglip
 
     if (root / "models/siglip/model.safetensors").exists():
         tower, where = load_siglip(root / "models/siglip"), f"{root / 'models/siglip'} (trained)"
@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from vlmpipe.data.captions import CaptionDataset
-    from vlmpipe.data.collate import pad_collate
+    from vlmpipe.models.lm.collate import pad_collate
     from vlmpipe.models.captioner import build_captioner
-    from vlmpipe.params import load_params
-    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
+    from vlmpipe.ops.preflight import load_all as load_params
+    from vlmpipe.loop.tiny_base import build as build_tiny_base
 
     root = args.root.resolve()
     os.chdir(REPO)  # params.yaml (or $VLMPIPE_PARAMS) relative to the repo
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(decode+encode {100 * in_loop['encoder_share']:.0f}% of a step)\n"
         f"  speed-up of the cache: {ratio:.2f}x (one-off precompute: {1000 * summary['precompute_s_per_image']:.1f} ms/image)\n")
     if args.out:
-        from vlmpipe.io import write_json
+        from vlmpipe.core.io import write_json
 
         write_json(args.out, summary)
     return 0

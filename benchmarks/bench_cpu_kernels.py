@@ -33,9 +33,10 @@ def workload(steps: int) -> float:
 
     from vlmpipe.data.captions import CaptionDataset
     from vlmpipe.models.captioner import build_captioner
-    from vlmpipe.models.siglip import build_siglip
-    from vlmpipe.models.tiny_lm import new_tiny_lm, save_tiny_lm
-    from vlmpipe.params import SiglipParams, TinyLMParams
+    from vlmpipe.models.siglip.model import build_siglip
+    from vlmpipe.models.lm.tiny_lm import new_tiny_lm, save_tiny_lm
+    from vlmpipe.siglip.params import SiglipParams
+    from vlmpipe.core.params import TinyLMParams
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

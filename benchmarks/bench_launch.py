@@ -1,8 +1,8 @@
-"""What `python -m vlmpipe.launch` adds to a one-process stage: the launcher against running the script.
+"""What `python -m vlmpipe.loop.launch` adds to a one-process stage: the launcher against running the script.
 
     python benchmarks/bench_launch.py [--runs 10]
 
-Times, as whole processes, ``python -m vlmpipe.launch stage.py`` and ``python stage.py`` for a stage
+Times, as whole processes, ``python -m vlmpipe.loop.launch stage.py`` and ``python stage.py`` for a stage
 stand-in that imports vlmpipe and torch and exits, in a scratch folder holding the repository's
 params.yaml (launch defaults: 1 process, 1 machine, so the launcher reads the params and execs the
 script). Runs alternate (A B A B ...) so a drifting machine hits both alike; prints the medians and
@@ -32,7 +32,7 @@ def main() -> int:
         shutil.copy(REPO / "params.yaml", Path(tmp) / "params.yaml")
         (Path(tmp) / "stage.py").write_text(STAGE)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        cmds = {"launcher": [sys.executable, "-m", "vlmpipe.launch", "stage.py"], "script": [sys.executable, "stage.py"]}
+        cmds = {"launcher": [sys.executable, "-m", "vlmpipe.loop.launch", "stage.py"], "script": [sys.executable, "stage.py"]}
         times: dict[str, list[float]] = {k: [] for k in cmds}
         for i in range(a.runs + 1):  # the first round warms the file cache and is not counted
             for name, cmd in cmds.items():

@@ -111,7 +111,7 @@ def child(args) -> dict:
     import torch
 
     from vlmpipe.models.qa_model import load_base
-    from vlmpipe.params import load_params
+    from vlmpipe.ops.preflight import load_all as load_params
 
     import bitsandbytes  # noqa: F401 - imported before the baseline, as the pipeline does
     import peft

@@ -7,7 +7,7 @@ download) and times ``--steps`` steps after ``--warmup`` untimed ones, synchroni
 only around the timed block:
 
 1. ``siglip``: one SigLIP training step, ResNet-50 at 224 px + the small text tower (batch 128):
-   samples/s and MFU (``vlmpipe/flops.py``).
+   samples/s and MFU (``vlmpipe/core/flops.py``).
 2. ``clip_precompute``: CLIP ViT-B/16 features of JPEGs read from a zip (COCO's layout), decoded in
    DataLoader workers, through the pipeline's ``embed_sharded``: images/s, decoding included.
 3. ``captioner``: one GPT-2 124M captioner step (10 prefix tokens + 40 caption tokens, batch 64):
@@ -41,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vlmpipe.errors import setup_logging  # noqa: E402
+from vlmpipe.core.errors import setup_logging  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 
@@ -90,7 +90,7 @@ def _train_step(model, batch: dict, device: torch.device, dtype: torch.dtype):
 
 
 def _report(name: str, sec: float, samples: int, flops: int, device, dtype, tokens: int = 0, **extra) -> dict:
-    from vlmpipe.flops import peak_flops
+    from vlmpipe.core.flops import peak_flops
 
     peak, source = peak_flops(device, dtype)
     out = {"step_s": round(sec, 4), "samples_per_s": round(samples / sec, 1)}
@@ -105,8 +105,8 @@ def _report(name: str, sec: float, samples: int, flops: int, device, dtype, toke
 
 
 def check_siglip(z: dict, device, dtype, steps: int, warmup: int) -> dict:
-    from vlmpipe.models.siglip import build_siglip
-    from vlmpipe.params import SiglipParams
+    from vlmpipe.models.siglip.model import build_siglip
+    from vlmpipe.siglip.params import SiglipParams
 
     p = SiglipParams(backbone=z["resnet"], pretrained=False, image_size=z["image"], text_width=z["text_width"])
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def check_clip_precompute(z: dict, device, dtype, steps: int, warmup: int, workd
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    from vlmpipe import embeddings as E
+    from vlmpipe.data import features as E
 
     archive = workdir / "val2017.zip"
     rng = np.random.default_rng(0)
@@ -181,7 +181,7 @@ def _save_lm(kind: str, arch: dict, folder: Path, device: torch.device) -> Path:
     """A random-init causal LM of ``kind`` in bf16 with a small BPE, saved as a hub-style folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from vlmpipe.text import train_bpe_tokenizer
+    from vlmpipe.core.text import train_bpe_tokenizer
 
     cfg = AutoConfig.for_model(kind, **arch)
     torch.manual_seed(0)
@@ -215,7 +215,8 @@ def check_captioner(z: dict, device, dtype, steps: int, warmup: int, workdir: Pa
 
 def check_phi2_qlora(z: dict, device, dtype, steps: int, warmup: int, workdir: Path) -> dict:
     from vlmpipe.models.qa_model import build_qa_model
-    from vlmpipe.params import Phi2Params, TrainParams
+    from vlmpipe.qa.params import Phi2Params
+    from vlmpipe.core.params import TrainParams
 
     folder = _save_lm("phi", z["phi"], workdir / "phi", device)
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from vlmpipe.flops import device_name
+    from vlmpipe.core.flops import device_name
 
     z = SIZES[a.size]
     result = {"device": device_name(device), "size": a.size, "precision": str(dtype).replace("torch.", ""),

@@ -1,30 +1,22 @@
-"""build_conversations: LLaVA-Instruct-format conversations about the COCO images.
-
-Reads params ``seed`` and ``conversations.*``, and data/coco (which images exist, and in which
-split). ``conversations.source: synthetic`` generates 2-4-turn conversations true to each
-shapes-world scene; ``llava_instruct_150k`` downloads llava_instruct_150k.json of the hub dataset
-liuhaotian/LLaVA-Instruct-150K at ``conversations.revision`` (cached in $VLMPIPE_DOWNLOAD_DIR,
-resumable) or from ``conversations.url``; ``conversations.path`` uses a file of your own. Every
-file is validated (one line naming the record). Writes data/conversations/{train,val}.json in the
-LLaVA format, turn_types.json and summary.json.
+"""build_conversations: LLaVA-Instruct-format conversations about the COCO images (params
+``conversations``, ``seed``; reads data/coco). Generated and true to each shapes-world scene, or
+llava_instruct_150k.json from the hub (cached, resumable), or a file of your own; validated record by
+record. Writes data/conversations/{train,val}.json, turn_types.json and summary.json.
 """
+from vlmpipe.core.errors import stage_entry
+from vlmpipe.core.stage import stage
 from vlmpipe.data import llava
-from vlmpipe.errors import stage_entry
-from vlmpipe.params import flatten, load_params, to_dict
-from vlmpipe.sources import preflight
-from vlmpipe.tracking import stage_run
+from vlmpipe.data.params import CocoParams, ConversationsParams
 
 COCO, OUT = "data/coco", "data/conversations"
 
 
 @stage_entry
 def main() -> None:
-    p = load_params()
-    preflight("build_conversations", p)  # anything this or a later stage cannot fetch: one line now
-    params = {**flatten({"conversations": to_dict(p.conversations)}), "seed": p.seed}
-    with stage_run("build_conversations", params) as run:
-        summary = llava.build(p.conversations, p.seed, COCO, OUT)
-        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int)})
+    # coco is read for one check: synthetic conversations need the synthetic COCO scenes.
+    with stage("build_conversations", {"conversations": ConversationsParams, "coco": CocoParams}) as s:
+        summary = llava.build(s.p.conversations, s.p.seed, COCO, OUT)
+        s.run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int)})
 
 
 if __name__ == "__main__":

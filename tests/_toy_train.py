@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmpipe.params import TrainParams
-from vlmpipe.train import TrainTask
+from vlmpipe.core.params import TrainParams
+from vlmpipe.loop.train import TrainTask
 
 
 class Toy(nn.Module):
@@ -88,9 +88,9 @@ if __name__ == "__main__":
 
     from safetensors.torch import save_file
 
-    from vlmpipe.train import fit, trainable_state
+    from vlmpipe.loop.train import fit, trainable_state
 
-    from vlmpipe.train import is_main_process, shutdown_distributed
+    from vlmpipe.core.runtime import is_main_process, shutdown_distributed
 
     ckpt, report, out, sleep = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     accum, plain = (int(sys.argv[5]), sys.argv[6] == "1") if len(sys.argv) > 5 else (1, False)

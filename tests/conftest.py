@@ -155,7 +155,7 @@ def qa_csv(tiny_cifar, tmp_path_factory):
 def tiny_coco(tmp_path_factory):
     """A generated and ingested COCO folder: 12 train and 6 val scenes at 64 px (seed 0)."""
     from vlmpipe.data import coco
-    from vlmpipe.params import CocoParams
+    from vlmpipe.data.params import CocoParams
 
     root = tmp_path_factory.mktemp("coco") / "coco"
     coco.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64), 0, root)

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from vlmpipe import cli, heldout
-from vlmpipe.pipeline import tiny_base, train_captioner
+from vlmpipe.face import api as cli
+from vlmpipe.captioner import heldout
+from vlmpipe.loop import tiny_base
+from vlmpipe.captioner import stage as train_captioner
 from vlmpipe.data.captions import CaptionDataset
 from vlmpipe.models import captioner as C
-from vlmpipe.params import TinyLMParams, TrainParams
+from vlmpipe.core.params import TinyLMParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 FEAT_DIM, REGIONS, PREFIX = 16, 5, 4
@@ -56,8 +58,8 @@ def _new_model(lm_dir, freeze_lm=False, max_tokens=40):
 
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
-    """A captioner trained with vlmpipe.train.fit; its report dir and saved dir."""
-    from vlmpipe.train import TrainTask, fit
+    """A captioner trained with vlmpipe.loop.train.fit; its report dir and saved dir."""
+    from vlmpipe.loop.train import TrainTask, fit
 
     caps, feats, lm_dir = world
     root = tmp_path_factory.mktemp("trained")
@@ -157,7 +159,7 @@ def test_save_load_identical_captions(trained, world):
 
 
 def test_load_missing_model_is_user_error(tmp_path):
-    from vlmpipe.errors import UserError
+    from vlmpipe.core.errors import UserError
 
     with pytest.raises(UserError, match="no trained captioner here"):
         C.load_captioner(tmp_path / "nothing")
@@ -169,10 +171,12 @@ def test_load_missing_model_is_user_error(tmp_path):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Tiny COCO + an (untrained) SigLIP + its cached region features -> train_captioner."""
-    from vlmpipe import embeddings
+    from vlmpipe.data import features as embeddings
     from vlmpipe.data import coco
-    from vlmpipe.models.siglip import build_siglip
-    from vlmpipe.params import CaptionerParams, CocoParams, SiglipParams
+    from vlmpipe.models.siglip.model import build_siglip
+    from vlmpipe.captioner.params import CaptionerParams
+    from vlmpipe.data.params import CocoParams
+    from vlmpipe.siglip.params import SiglipParams
 
     root = tmp_path_factory.mktemp("pipeline")
     coco.build(CocoParams(synthetic_train_images=24, synthetic_val_images=6, image_size=64), 0, root / "data/coco")
@@ -218,7 +222,7 @@ def test_train_captioner_writes_model_and_curves(pipeline):
 
 def test_caption_files_matches_cached_features(pipeline):
     """New images are featurized exactly like the cache: same captions from the file and the cache."""
-    from vlmpipe import embeddings
+    from vlmpipe.data import features as embeddings
 
     root, _, img = pipeline
     model = C.load_captioner(root / "models/captioner")
@@ -232,6 +236,7 @@ def _cli(args, cwd):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow  # the CLI in subprocesses
 def test_cli_captions_and_missing_file_error(pipeline, tmp_path):
     root, _, img = pipeline
     model = str(root / "models/captioner")
@@ -248,7 +253,7 @@ def test_cli_captions_and_missing_file_error(pipeline, tmp_path):
 
 
 def test_unreadable_image_is_user_error(pipeline, tmp_path):
-    from vlmpipe.errors import UserError
+    from vlmpipe.core.errors import UserError
 
     root, _, img = pipeline
     garbage = tmp_path / "garbage.png"

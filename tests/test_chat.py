@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from vlmpipe import cli, heldout
+from vlmpipe.face import api as cli
+from vlmpipe.chat import heldout
 from vlmpipe.data import chat as C
-from vlmpipe.data.collate import IGNORE_INDEX
-from vlmpipe.errors import UserError
+from vlmpipe.models.chat_model import CHAT
+from vlmpipe.models.lm.collate import IGNORE_INDEX
+from vlmpipe.core.errors import UserError
 from vlmpipe.models import captioner as CAP
 from vlmpipe.models.chat_model import ChatModel, load_chat_model
-from vlmpipe.params import TinyLMParams, TrainParams
-from vlmpipe.pipeline import tiny_base
+from vlmpipe.core.params import TinyLMParams, TrainParams
+from vlmpipe.loop import tiny_base
 
 FEAT_DIM, REGIONS, N = 16, 5, 24
 COLOURS = ["red", "blue", "green", "yellow"]
@@ -57,7 +59,7 @@ def _chat(captioner_dir, max_seq_len=0):
 
 @pytest.fixture(scope="module")
 def trained(captioner_dir, tmp_path_factory):
-    from vlmpipe.train import TrainTask, fit
+    from vlmpipe.loop.train import TrainTask, fit
 
     root = tmp_path_factory.mktemp("chat-trained")
     model = _chat(captioner_dir)
@@ -76,7 +78,7 @@ def trained(captioner_dir, tmp_path_factory):
 
 def test_labels_cover_the_assistant_turns_and_their_eos_only(captioner_dir):
     tok = _chat(captioner_dir).tokenizer
-    (ids1, lab1), (ids2, lab2) = C.encode_turns(tok, [("Is there a star?", "yes"), ("What colour is it?", "red")])
+    (ids1, lab1), (ids2, lab2) = CHAT.encode_turns(tok, [("Is there a star?", "yes"), ("What colour is it?", "red")])
     user = tok("User: Is there a star?\nAssistant:", add_special_tokens=False)["input_ids"]
     assert ids1[:len(user)] == user and set(lab1[:len(user)]) == {IGNORE_INDEX}
     assert lab1[len(user):] == ids1[len(user):] and ids1[-1] == tok.eos_token_id
@@ -100,12 +102,12 @@ def test_windows_drop_whole_turns_from_the_front_and_train_each_turn_once():
 def test_the_prompt_is_what_training_saw_before_the_answer(captioner_dir):
     tok = _chat(captioner_dir).tokenizer
     turns = [("Is there a star?", "yes"), ("What colour is it?", "red"), ("And the ring?", "blue")]
-    (ids, labels), = C.windows(C.encode_turns(tok, turns), 200)
-    prompt = C.encode_prompt(tok, "And the ring?", turns[:2])
+    (ids, labels), = C.windows(CHAT.encode_turns(tok, turns), 200)
+    prompt = CHAT.encode_prompt(tok, "And the ring?", turns[:2])
     assert ids[:len(prompt)] == prompt and labels[len(prompt) - 1] == IGNORE_INDEX != labels[len(prompt)]
     # Too long: whole oldest turns go first, the message stays.
-    short = C.encode_prompt(tok, "And the ring?", turns[:2], max_tokens=len(prompt) - 1)
-    assert short == prompt[len(C.encode_turns(tok, turns[:1])[0][0]):]
+    short = CHAT.encode_prompt(tok, "And the ring?", turns[:2], max_tokens=len(prompt) - 1)
+    assert short == prompt[len(CHAT.encode_turns(tok, turns[:1])[0][0]):]
 
 
 # ------------------------------------------------------------------ the model

@@ -9,8 +9,8 @@ import pytest
 
 from vlmpipe.data import llava, scene_dialogues, shapes
 from vlmpipe.data.coco import CocoCaptions
-from vlmpipe.errors import UserError
-from vlmpipe.params import ConversationsParams
+from vlmpipe.core.errors import UserError
+from vlmpipe.data.params import ConversationsParams
 
 
 def _rec(rid="1", image="000000000001.jpg", turns=(("<image>\nWhat is it?", "a star"),)):
@@ -195,10 +195,11 @@ def test_a_coco_without_the_conversations_images_is_one_line(tiny_coco, tmp_path
 
 
 def test_params_refuse_synthetic_conversations_about_real_coco():
-    from vlmpipe.params import from_dict
+    from vlmpipe.core.params import from_dict
+    from vlmpipe.ops.preflight import ALL_SECTIONS
 
     with pytest.raises(UserError, match=r"^conversations.source: synthetic conversations .* need coco.source"):
-        from_dict({"coco": {"source": "coco2017"}})
-    assert from_dict({"coco": {"source": "coco2017"}, "conversations": {"source": "llava_instruct_150k"}})
+        from_dict({"coco": {"source": "coco2017"}}, ALL_SECTIONS)
+    assert from_dict({"coco": {"source": "coco2017"}, "conversations": {"source": "llava_instruct_150k"}}, ALL_SECTIONS)
     with pytest.raises(UserError, match=r"^conversations.path: .* is outside inputs/data/"):
-        from_dict({"conversations": {"path": "/tmp/x.json"}})
+        from_dict({"conversations": {"path": "/tmp/x.json"}}, ALL_SECTIONS)

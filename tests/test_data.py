@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from vlmpipe.data import cifar, coco, qa, shapes
-from vlmpipe.errors import UserError
-from vlmpipe.params import CocoParams
+from vlmpipe.core.errors import UserError
+from vlmpipe.data.params import CocoParams
 
 FACTS = json.loads((Path(qa.__file__).parent / "facts.json").read_text())
 PALETTE = {n: np.array(c, dtype=float) for n, c in shapes.COLOURS.items()}
@@ -204,7 +204,7 @@ def test_cifar_official_ingest_from_loopback(tmp_path, tiny_cifar, file_server):
 
 
 def test_cifar_from_params_mirror_local_copy_and_their_mistakes(tmp_path, tiny_cifar, file_server):
-    from vlmpipe.params import CifarParams
+    from vlmpipe.data.params import CifarParams
 
     tarball = tmp_path / "mine" / "cifar-10-python.tar.gz"
     tarball.parent.mkdir()
@@ -336,7 +336,7 @@ def _served_coco(file_server, tmp_path):
 def test_coco_from_params_mirror_local_copy_and_their_mistakes(tmp_path, file_server):
     """coco.url, coco.local_dir and coco.verify as a user sets them; every mistake is one line that
     names the param, and no file of the user's is touched."""
-    from vlmpipe.params import CocoParams
+    from vlmpipe.data.params import CocoParams
 
     src = _served_coco(file_server, tmp_path)
     before = {f.name: f.read_bytes() for f in src.iterdir()}
@@ -418,7 +418,7 @@ def test_every_answer_matches_its_ground_truth(qa_csv, tiny_cifar):
 
 
 def test_blind_baseline_is_beatable(tiny_cifar, tmp_path):
-    from vlmpipe.evaluation import BlindBaseline, vqa_accuracy
+    from vlmpipe.scoring.metrics import BlindBaseline, vqa_accuracy
 
     df = qa.write_qa_csv(tmp_path / "qa.csv", tiny_cifar, seed=0)
     baseline = BlindBaseline((q, a, t) for _, _, q, a, t in qa.qa_pairs(df[df.Split == "train"]))

@@ -32,7 +32,7 @@ def _env(repo: Path) -> dict[str, str]:
 def _copy_repo(dest: Path, overrides: dict) -> Path:
     for rel in ("stages", "vlmpipe", "inputs"):
         shutil.copytree(ROOT / rel, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+    for rel in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "requirements.txt"):
         if (ROOT / rel).exists():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
@@ -81,6 +81,7 @@ def test_valid_user_csv_is_copied(tmp_path):
     assert (repo / "data/cifar_qa.csv").read_text() == text
 
 
+@pytest.mark.slow  # `dvc repro` of the data stages
 @pytest.mark.skipif(not (BIN / "dvc").exists(), reason="dvc is not installed in this environment")
 def test_dvc_repro_of_the_data_stages_then_nothing_to_do(tmp_path):
     repo = _copy_repo(tmp_path / "repo", SMALL)
@@ -106,6 +107,7 @@ def test_dvc_repro_of_the_data_stages_then_nothing_to_do(tmp_path):
     assert "Running stage" not in out
 
 
+@pytest.mark.slow  # `dvc repro` of the data stages, twice
 @pytest.mark.skipif(not (BIN / "dvc").exists(), reason="dvc is not installed in this environment")
 def test_editing_the_user_csv_reruns_the_stage(tmp_path):
     """qa.csv_path names a file under inputs/data, a DVC dependency: an edit is seen (it used to be

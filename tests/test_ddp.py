@@ -88,9 +88,9 @@ def test_two_ranks_match_one_process_and_shard_embeddings(tiny_repo, tmp_path):
 
     # Embeddings sharded over 2 ranks equal the same model's embeddings computed in one process.
     _run(two, "precompute_embeddings.py", 2)
-    from vlmpipe import embeddings as E
+    from vlmpipe.data import features as E
     from vlmpipe.data.cifar import load_split
-    from vlmpipe.models.siglip import load_siglip
+    from vlmpipe.models.siglip.model import load_siglip
 
     model = load_siglip(two / "models/siglip")
     ident = E.siglip_identity(two / "models/siglip")
@@ -116,7 +116,7 @@ def test_two_machines_train_what_one_process_trains(tiny_repo, tmp_path):
     params["launch"].update(nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_timeout=120)
     (two / "params.yaml").write_text(yaml.safe_dump(params))
     _run(one, "train_siglip.py", 1)
-    cmd = [sys.executable, "-m", "vlmpipe.launch", "--node", str(REPO / "stages/train_siglip.py")]
+    cmd = [sys.executable, "-m", "vlmpipe.loop.launch", "--node", str(REPO / "stages/train_siglip.py")]
     env = {**_env(), "PYTHONPATH": str(REPO)}
     nodes = [subprocess.Popen(cmd, cwd=two, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

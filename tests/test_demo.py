@@ -18,8 +18,8 @@ from PIL import Image
 import browser
 import servers
 from vlmpipe.data.shapes import SHAPES
-from vlmpipe.errors import UserError
-from vlmpipe.serve import MAX_PIXELS, decode_image
+from vlmpipe.core.errors import UserError
+from vlmpipe.face.serve import MAX_PIXELS, decode_image
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -49,7 +49,7 @@ def test_decode_image_reads_a_png_as_rgb():
 @pytest.mark.parametrize("data, says", [
     (b"", "empty"),
     (b"hello, this is text", "not an image"),
-    (png_bytes(np.zeros((64, 64, 3), np.uint8))[:60], "cannot be read"),
+    (png_bytes(np.zeros((64, 64, 3), np.uint8))[:60], "cannot read image"),
     (png_header_only(8000, 8000), "megapixels"),          # over ours, under Pillow's own limit
     (png_header_only(30000, 30000), "megapixels"),        # over Pillow's bomb limit too
 ])
@@ -61,7 +61,7 @@ def test_decode_image_refuses_a_bad_upload_in_one_line(data, says):
 
 
 def test_decode_image_refuses_too_many_bytes(monkeypatch):
-    import vlmpipe.serve as serve
+    import vlmpipe.face.serve as serve
 
     monkeypatch.setattr(serve, "MAX_UPLOAD_BYTES", 100)
     with pytest.raises(UserError, match="MiB"):
@@ -159,7 +159,7 @@ def test_the_page_captions_answers_and_reports_a_broken_upload_in_a_real_browser
         page.screenshot(tmp_path / "demo.png")
 
         message = page.upload(broken)
-        assert "cannot be read" in message and broken.name in message
+        assert "cannot read image" in message and broken.name in message
         assert page.upload(image) == cli_caption  # still serving, same answer
     assert Image.open(tmp_path / "demo.png").size[0] >= 1000
 

@@ -10,8 +10,8 @@ import zipfile
 
 import pytest
 
-from vlmpipe.download import download, open_tar, open_zip, safe_extract
-from vlmpipe.errors import UserError
+from vlmpipe.core.download import download, open_tar, open_zip, safe_extract
+from vlmpipe.core.errors import UserError
 
 # Larger than the 1 MiB read size, so a drop happens mid-stream after real writes.
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)
@@ -118,7 +118,7 @@ def test_unreachable_server_fails_at_once_with_where_to_put_the_file(tmp_path, m
     import servers
 
     slept = []
-    monkeypatch.setattr("vlmpipe.download.time.sleep", slept.append)
+    monkeypatch.setattr("vlmpipe.core.download.time.sleep", slept.append)
     url = f"http://127.0.0.1:{servers.dead_port()}/zips/train2017.zip"
     with pytest.raises(UserError) as e:
         download(url, tmp_path / "train2017.zip", key="coco.url", hint=f"put train2017.zip in {tmp_path}")

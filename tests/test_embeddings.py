@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmpipe import embeddings as E
-from vlmpipe.errors import UserError
-from vlmpipe.models.siglip import build_siglip
-from vlmpipe.params import SiglipParams
+from vlmpipe.data import features as E
+from vlmpipe.core.errors import UserError
+from vlmpipe.models.siglip.model import build_siglip
+from vlmpipe.siglip.params import SiglipParams
 
 ENC = {"name": "siglip", "hash": "0123456789abcdef"}
 

@@ -4,7 +4,7 @@ stages it re-ran carry the experiment's name.
 
 One experiment per session, run on a copy of the session's `tiny_repo` (the DAG
 is built once; the experiment also cuts the QA model's training to one epoch, for suite time; the experiment re-runs only what depends on the changed param:
-train_phi2_qlora and evaluate for `lr`; a `chat` param is read by train_gpt2_chat alone). The runs go to the default store,
+train_phi2_qlora, evaluate_qa and report for `lr`; a `chat` param is read by train_gpt2_chat alone). The runs go to the default store,
 mlflow.db in the repository root, as for a user who set no MLFLOW_TRACKING_URI.
 
 Until the whole DAG exists (conftest TINY_DAG_STAGES is a list), the
@@ -91,11 +91,12 @@ def test_exp_run_completes_and_mlflow_runs_carry_its_name(experiment, tiny_repo)
 
 
 def test_exp_run_reruns_only_the_stages_that_read_the_changed_params(experiment, tiny_repo):
-    """lr reruns train_phi2_qlora and evaluate; a chat param is read by train_gpt2_chat alone (evaluate then
-    reruns because models/chat changed): `dvc status` after the edit names that one stage."""
+    """lr reruns train_phi2_qlora, its evaluation and the report, not the QA base's warm-up nor the other
+    models' evaluations; a chat param is read by train_gpt2_chat alone (its evaluation then reruns because
+    models/chat changed): `dvc status` after the edit names that one stage."""
     if not tiny_repo.full_dag:
         pytest.skip("needs the whole tiny DAG")
-    assert sorted(experiment.reran) == ["evaluate", "train_phi2_qlora"], experiment.reran
+    assert sorted(experiment.reran) == ["evaluate_qa", "report", "train_phi2_qlora"], experiment.reran
     import yaml
 
     params = experiment.repo / "params.yaml"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import servers
-from vlmpipe.errors import UserError
+from vlmpipe.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path("reports/data_exploration.html")
@@ -24,9 +24,9 @@ FIGURES = 9  # the notebook's plots: 3 COCO, 4 Q/A, 2 conversations
 
 
 def _make_repo(dest: Path, coco: Path, cifar: Path, qa_csv: Path, conversations: Path) -> Path:
-    """What the stage needs from a repository: its script, the notebook, vlmpipe, and data/."""
+    """What the stage needs from a repository: its script, the notebook, vlmpipe, params.yaml and data/."""
     shutil.copytree(REPO / "vlmpipe", dest / "vlmpipe", ignore=shutil.ignore_patterns("__pycache__"))
-    for rel in ("stages/explore_data.py", "notebooks/01_data_exploration.ipynb"):
+    for rel in ("stages/explore_data.py", "notebooks/01_data_exploration.ipynb", "params.yaml"):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dest / rel)
     shutil.copytree(coco, dest / "data/coco")
@@ -45,7 +45,7 @@ def _stage(repo: Path, check: bool = True):
 def data(tmp_path_factory, tiny_coco, tiny_cifar, qa_csv) -> dict:
     """The session's tiny COCO / CIFAR / Q/A CSV, and conversations built from that COCO."""
     from vlmpipe.data import llava
-    from vlmpipe.params import ConversationsParams
+    from vlmpipe.data.params import ConversationsParams
 
     conversations = tmp_path_factory.mktemp("conversations") / "conversations"
     llava.build(ConversationsParams(), 0, tiny_coco, conversations)
@@ -79,6 +79,7 @@ def _expected(data: dict) -> dict:
     return out
 
 
+@pytest.mark.slow  # executes the notebook in a kernel
 def test_the_page_shows_every_section_and_the_numbers_of_the_data(rendered, data):
     repo, html = rendered
     for heading in ("1. COCO captions", "2. CIFAR questions and answers", "3. Conversations (LLaVA-Instruct format)"):
@@ -97,12 +98,13 @@ def test_the_page_shows_every_section_and_the_numbers_of_the_data(rendered, data
     assert "counts agree with the files" in html
 
 
-def test_the_blind_baseline_is_the_evaluate_stages(rendered, data):
-    """The page's blind baseline equals what evaluate computes (vlmpipe.heldout.blind_baseline)."""
+@pytest.mark.slow  # executes the notebook in a kernel
+def test_the_blind_baseline_is_the_qa_evaluations(rendered, data):
+    """The page's blind baseline equals what evaluate_qa computes (vlmpipe.qa.heldout.blind_baseline)."""
     from vlmpipe.data.conversations import frame_conversations
     from vlmpipe.data.qa import read_qa_csv
-    from vlmpipe.evaluation import vqa_accuracy
-    from vlmpipe.heldout import blind_baseline
+    from vlmpipe.scoring.metrics import vqa_accuracy
+    from vlmpipe.qa.heldout import blind_baseline
 
     df = read_qa_csv(data["qa_csv"], data["cifar"])
     _, convs, types = frame_conversations(df, "test")
@@ -116,6 +118,7 @@ def test_the_blind_baseline_is_the_evaluate_stages(rendered, data):
     assert shown == {t: f"{v:.3f}" for t, v in acc["by_type"].items()}
 
 
+@pytest.mark.slow  # executes the notebook in a kernel
 def test_the_page_is_self_contained_and_the_same_bytes_every_run(rendered):
     repo, html = rendered
     assert not re.search(r'<script[^>]*\bsrc=|<link[^>]*\bhref="http', html)  # nothing fetched to show it
@@ -126,6 +129,7 @@ def test_the_page_is_self_contained_and_the_same_bytes_every_run(rendered):
     assert sorted(p.name for p in (repo / "reports").iterdir()) == ["data_exploration.html"]  # no temp files left
 
 
+@pytest.mark.slow  # executes the notebook in a kernel
 def test_a_failing_cell_is_one_line_naming_it_and_writes_no_page(tmp_path, data):
     repo = _make_repo(tmp_path / "repo", **data)
     (repo / "data/conversations/val.json").write_text("[{not json")
@@ -151,7 +155,7 @@ def test_missing_data_is_one_line_before_any_kernel_and_keeps_an_earlier_page(tm
 
 
 def test_a_file_that_is_not_a_notebook_is_one_line(tmp_path):
-    from vlmpipe.notebook import execute
+    from vlmpipe.explore.notebook import execute
 
     bad = tmp_path / "nb.ipynb"
     bad.write_text("{not a notebook")

@@ -1,4 +1,4 @@
-"""The FLOPs model behind MFU (vlmpipe/flops.py) against torch's count of what a step executes.
+"""The FLOPs model behind MFU (vlmpipe/core/flops.py) against torch's count of what a step executes.
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts the matmuls, convolutions and attention a forward
 + backward really runs (autograd skips the weight gradients of frozen layers, so it sees QLoRA's
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlmpipe.flops import TransformerCost, conv_net_forward_flops, peak_flops
+from vlmpipe.core.flops import TransformerCost, conv_net_forward_flops, peak_flops
 
 TOL = 0.06
 
@@ -67,8 +67,8 @@ def test_a_frozen_base_with_lora_costs_4n_plus_the_adapters():
 
 
 def test_siglip_step_flops_match_the_executed_count():
-    from vlmpipe.models.siglip import build_siglip
-    from vlmpipe.params import SiglipParams
+    from vlmpipe.models.siglip.model import build_siglip
+    from vlmpipe.siglip.params import SiglipParams
 
     p = SiglipParams(embed_dim=32, text_width=32, text_layers=2, text_vocab_size=512, image_size=32)
     torch.manual_seed(0)

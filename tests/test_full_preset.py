@@ -29,8 +29,9 @@ import yaml
 import servers
 from conftest import REPO_ROOT, copy_worktree, git
 
-STAGES = ["download_coco", "build_cifar_qa_csv", "train_siglip", "precompute_embeddings",
-          "train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate"]
+STAGES = ["download_coco", "build_cifar_qa_csv", "train_siglip", "precompute_embeddings", "prepare_qa_base",
+          "train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat",
+          "evaluate_siglip", "evaluate_qa", "evaluate_captioner", "evaluate_chat", "report"]
 N_COCO_TRAIN, N_COCO_VAL = 8, 4
 CIFAR_TRAIN_PER_CLASS, CIFAR_TEST_PER_CLASS = 1, 1
 

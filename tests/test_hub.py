@@ -1,4 +1,4 @@
-"""Hub models at pinned revisions (vlmpipe/hub.py), from a pre-placed Hugging Face cache.
+"""Hub models at pinned revisions (vlmpipe/core/hub.py), from a pre-placed Hugging Face cache.
 
 Small models built here are put into a hub cache under made-up repo ids; HF_HUB_OFFLINE is on, so
 anything not in the cache fails the way it would on an offline machine.
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmpipe import hub
-from vlmpipe.errors import UserError
-from vlmpipe.params import TinyLMParams
+from vlmpipe.core import hub
+from vlmpipe.core.errors import UserError
+from vlmpipe.core.params import TinyLMParams
 
 COMMIT = "1" * 40
 OTHER = "2" * 40
@@ -29,7 +29,7 @@ def offline_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
-    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
+    from vlmpipe.loop.tiny_base import build as build_tiny_base
 
     texts = ["a red circle", "a blue star on a dark background", "two green rings"] * 4
     return build_tiny_base("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
@@ -84,13 +84,13 @@ def test_qa_model_on_a_hub_base_records_and_checks_it(offline_cache, tmp_path):
     base of another width (what a different model under the same name would be)."""
     from standins import cache_folder
     from test_phi_vlm import build, make_data, small_params
-    from vlmpipe.data.conversations import conversation_text
+    from vlmpipe.models.qa_model import QA
     from vlmpipe.models.qa_model import load_qa_model
-    from vlmpipe.text import EOS
-    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
+    from vlmpipe.core.text import EOS
+    from vlmpipe.loop.tiny_base import build as build_tiny_base
 
     emb, convs = make_data(8, 0)
-    texts = [conversation_text(c, EOS)[: -len(EOS)] for c in convs]
+    texts = [QA.text(c, EOS)[: -len(EOS)] for c in convs]
     tiny = TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0)
     base = build_tiny_base("phi", tiny, texts, tmp_path / "phi", seed=0)
     cache_folder(offline_cache, "acme/tiny-phi", COMMIT, base)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from vlmpipe.evaluation import (BlindBaseline, caption_scores, most_common_caption,
+from vlmpipe.scoring.metrics import (BlindBaseline, caption_scores, most_common_caption,
                                 normalize_answer, tokenize_caption, vqa_accuracy)
 
 REFS = {
@@ -40,7 +40,7 @@ def test_meteor_runs_with_java():
 
 
 def test_meteor_is_null_with_reason_without_java(monkeypatch):
-    import vlmpipe.evaluation as ev
+    import vlmpipe.scoring.metrics as ev
 
     monkeypatch.setattr(ev.shutil, "which", lambda name: None)
     s = caption_scores(REFS, {1: "a red circle", 2: "a blue square", 3: "a yellow triangle"})

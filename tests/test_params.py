@@ -1,6 +1,7 @@
 """Params load into typed dataclasses; every mistake is one line naming the key."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -8,18 +9,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlmpipe.errors import UserError
-from vlmpipe.params import Params, flatten, from_dict, load_params, to_dict
+from vlmpipe.core.errors import UserError
+from vlmpipe.core.params import SECTIONS, flatten, from_dict, load_params, params_class, to_dict
+from vlmpipe.ops.preflight import ALL_SECTIONS, load_all
+from vlmpipe.siglip.params import SiglipParams
+
+Params = params_class(ALL_SECTIONS)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["params.yaml", "presets/full.yaml", "presets/tiny.yaml"])
 def test_shipped_params_files_are_valid(name):
-    p = load_params(ROOT / name)
-    assert isinstance(p, Params)
-    # The Phi-2 stage's learning rate is the top-level lr.
-    assert p.phi2.train.lr == p.lr
+    p = load_all(ROOT / name)
+    assert [f.name for f in dataclasses.fields(p)] == ["seed", "lr", *ALL_SECTIONS, "launch"]
+    assert set(SECTIONS) == {*ALL_SECTIONS, "launch"}  # core's list of names and the wings' classes agree
 
 
 def test_defaults_match_params_yaml():
@@ -29,7 +33,7 @@ def test_defaults_match_params_yaml():
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     shipped = flatten(data)
     defaults = flatten(to_dict(Params()))
-    assert defaults.pop("phi2.train.lr") == shipped["lr"]  # comes from the top-level lr
+    defaults.pop("phi2.train.lr")  # not in the file: the QA stage trains at the top-level lr
     assert set(shipped) == set(defaults)
     assert {k: v for k, v in defaults.items() if v != shipped[k]} == {}
 
@@ -37,7 +41,7 @@ def test_defaults_match_params_yaml():
 def _load(tmp_path, text):
     f = tmp_path / "params.yaml"
     f.write_text(text)
-    return load_params(f)
+    return load_all(f)
 
 
 @pytest.mark.parametrize("text, key, words", [
@@ -66,7 +70,7 @@ def test_ints_widen_to_float_and_partial_files_keep_defaults(tmp_path):
     p = _load(tmp_path, "seed: 3\nsiglip:\n  train:\n    epochs: 2\n")
     assert p.seed == 3 and p.siglip.train.epochs == 2
     assert p.siglip.train.batch_size == Params().siglip.train.batch_size
-    p = from_dict({"siglip": {"logit_lr_mult": 5}})
+    p = from_dict({"siglip": {"logit_lr_mult": 5}}, {"siglip": SiglipParams})
     assert isinstance(p.siglip.logit_lr_mult, float) and p.siglip.logit_lr_mult == 5.0
 
 
@@ -79,12 +83,26 @@ def test_stage_reports_bad_param_without_traceback(tmp_path):
     """A stage started with a bad params file exits 2 with one line on stderr."""
     bad = tmp_path / "params.yaml"
     bad.write_text("lr: 1e-4\n")
-    code = ("from vlmpipe.errors import stage_entry\n"
-            "from vlmpipe.params import load_params\n"
-            "raise SystemExit(stage_entry(load_params)())\n")
+    code = ("from vlmpipe.core.errors import stage_entry\n"
+            "from vlmpipe.core.params import load_params\n"
+            "raise SystemExit(stage_entry(load_params)({}))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "lr: expected a number" in r.stderr
+
+
+def test_a_stage_reads_only_its_sections(tmp_path):
+    """A stage checks the sections it reads (and seed, lr, launch); another stage's section is not
+    built, so its class is not imported by the stage; an unknown top-level key is still refused."""
+    f = tmp_path / "params.yaml"
+    f.write_text("seed: 4\nsiglip:\n  embed_dim: 64\nphi2:\n  lora_r: 0\n")
+    p = load_params({"siglip": SiglipParams}, f)
+    assert p.seed == 4 and p.siglip.embed_dim == 64 and not hasattr(p, "phi2")
+    with pytest.raises(UserError, match="phi2.lora_r"):
+        load_all(f)  # what the preflight loads: every section
+    f.write_text("sigilp:\n  embed_dim: 64\n")
+    with pytest.raises(UserError, match="sigilp: unknown key"):
+        load_params({"siglip": SiglipParams}, f)

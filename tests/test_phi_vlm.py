@@ -20,15 +20,19 @@ import numpy as np
 import pytest
 import torch
 
-from vlmpipe.errors import UserError
-from vlmpipe.io import read_json
-from vlmpipe import cli, heldout
-from vlmpipe.pipeline import tiny_base
+from vlmpipe.core.errors import UserError
+from vlmpipe.core.io import read_json
+from vlmpipe.face import api as cli
+from vlmpipe.scoring import heldout
+from vlmpipe.qa.heldout import qa_scores
+from vlmpipe.loop import tiny_base
 from vlmpipe.data import conversations as D
-from vlmpipe.data.collate import pad_collate
+from vlmpipe.models.qa_model import QA
+from vlmpipe.models.lm.collate import pad_collate
 from vlmpipe.models import qa_model as Q
-from vlmpipe.models.prefix_lm import FORMAT
-from vlmpipe.params import Phi2Params, TinyLMParams, TrainParams
+from vlmpipe.models.lm.prefix_lm import FORMAT
+from vlmpipe.qa.params import Phi2Params
+from vlmpipe.core.params import TinyLMParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 512
@@ -95,11 +99,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from vlmpipe.text import EOS
+    from vlmpipe.core.text import EOS
 
     tr_emb, tr_convs = make_data(N_TRAIN, 0)
     te_emb, te_convs = make_data(N_TEST, 1)
-    texts = [D.conversation_text(c, EOS)[: -len(EOS)] for c in tr_convs]
+    texts = [QA.text(c, EOS)[: -len(EOS)] for c in tr_convs]
     base = tiny_base.build("phi", small_params().tiny, texts, tmp_path_factory.mktemp("base") / "tiny_phi", seed=0)
     return {"base": base, "train": (tr_emb, tr_convs), "test": (te_emb, te_convs)}
 
@@ -107,7 +111,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
     """A model trained through the shared loop (a few seconds of CPU), and its held-out metrics."""
-    from vlmpipe.train import TrainTask, fit
+    from vlmpipe.loop.train import TrainTask, fit
 
     p = small_params()
     torch.manual_seed(0)
@@ -117,7 +121,7 @@ def trained(world, tmp_path_factory):
     questions = heldout.eval_questions(val, 5 * N_TEST)
     tmp = tmp_path_factory.mktemp("fit")
     task = TrainTask("phi2_vlm", model, train, model.collate, optimizer="paged_adamw",
-                     evaluate=lambda m, epoch: heldout.qa_scores(m, val, 64, questions))
+                     evaluate=lambda m, epoch: qa_scores(m, val, 64, questions))
     res = fit(task, p.train, seed=0, ckpt_dir=tmp / "ckpt", report_dir=tmp / "reports", identity={"test": 1})
     return {"model": model, "val": val, "questions": questions, "metrics": res.metrics, "tmp": tmp}
 
@@ -148,7 +152,7 @@ def test_labels_cover_exactly_the_answers_and_their_eos(world):
         runs = "".join("1" if x else "0" for x in on.tolist())
         assert runs.count("01") == len(turns)
         unlabelled = tok.decode(ids[:lens[i]][~on[:lens[i]]])
-        assert unlabelled == "".join(D.question_text(q) for q, _ in turns)
+        assert unlabelled == "".join(QA.user_text(q) for q, _ in turns)
 
 
 def test_prompt_is_the_conversation_prefix(world):
@@ -157,10 +161,10 @@ def test_prompt_is_the_conversation_prefix(world):
     tok = AutoTokenizer.from_pretrained(str(world["base"]))
     turns = world["train"][1][3]
     ids, _ = D.encode_conversation(tok, turns)
-    prompt = D.encode_prompt(tok, turns[2][0], turns[:2])
+    prompt = QA.encode_prompt(tok, turns[2][0], turns[:2])
     assert ids[:len(prompt)] == prompt  # what training saw before answer 3 is what inference feeds
-    assert D.encode_prompt(tok, "q?", turns, max_tokens=20)[-len(D._ids(tok, D.question_text("q?"))):] \
-        == D._ids(tok, D.question_text("q?"))
+    question = tok(QA.user_text("q?"), add_special_tokens=False)["input_ids"]
+    assert QA.encode_prompt(tok, "q?", turns, max_tokens=20)[-len(question):] == question
 
 
 # ---------------------------------------------------------------- loading
@@ -254,7 +258,7 @@ def test_missing_model_dir_is_a_user_error(tmp_path):
 # ---------------------------------------------------------------- training, saving, answering
 
 def test_heldout_accuracy_beats_blind_baseline(trained, world):
-    from vlmpipe.evaluation import BlindBaseline, normalize_answer
+    from vlmpipe.scoring.metrics import BlindBaseline, normalize_answer
 
     blind = BlindBaseline((q, a, "t") for c in world["train"][1] for q, a in c)
     val, qs = trained["val"], trained["questions"]
@@ -286,7 +290,7 @@ def test_save_then_load_gives_the_same_answers(trained, tmp_path):
         assert (out / f).exists(), f
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     cfg = read_json(out / "model.json")
-    assert cfg["lm_source"] == "tiny" and cfg["extra"]["template"] == D.TEMPLATE
+    assert cfg["lm_source"] == "tiny" and cfg["extra"]["template"] == QA.record()
     assert cfg["encoder"] == {"name": "test", "path": "../siglip"}
     # Nothing names the temporary directory the tiny base was built in: saving is reproducible.
     base_tmp = str(model.base_path)
@@ -313,10 +317,10 @@ def cli_model(trained, tmp_path_factory):
     """models/phi2_vlm + models/siglip side by side, as the pipeline writes them, and an image file."""
     from PIL import Image
 
-    from vlmpipe.models.siglip import build_siglip
-    from vlmpipe.params import SiglipParams
+    from vlmpipe.models.siglip.model import build_siglip
+    from vlmpipe.siglip.params import SiglipParams
 
-    from vlmpipe.embeddings import siglip_identity
+    from vlmpipe.data.features import siglip_identity
 
     root = tmp_path_factory.mktemp("models")
     tower = build_siglip(SiglipParams(), ["a photo of a cat", "a photo of a dog", "what is this animal?"])
@@ -340,8 +344,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_cli_ask_answers_an_image_file(cli_model):
-    from vlmpipe.io import read_image
+    from vlmpipe.face.images import read_image
 
     root, image = cli_model
     question, history = "How many legs does it have?", [("What is in the image?", "cat")]
@@ -400,6 +405,7 @@ def test_damaged_model_folder_is_one_line(trained, tmp_path, damage):
     assert str(out) in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.slow  # the CLI in subprocesses
 def test_cli_ask_takes_any_text_and_answers_in_one_line(cli_model):
     root, image = cli_model
     for question in ("<script>alert(1)</script> $x^2$ {{7*7}} =cmd|' /C calc'!A0", "\u202eevil\u202c 👩‍👩‍👧 \"quoted\""):

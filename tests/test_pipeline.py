@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import servers
 from PIL import Image
 
@@ -10,9 +12,9 @@ SIGLIP_KEYS = {"zero_shot_acc", "zero_shot_chance", "i2t_r1", "t2i_r1", "i2t_r5"
 VQA_KEYS = {"accuracy", "blind_baseline", "by_type"}
 CAPTION_KEYS = {"bleu4", "cider", "rougeL", "meteor", "baseline_cider"}
 CHAT_KEYS = {"exact_match", "blind_baseline", "by_type", "blind_by_type", "followup_no_history", "nll_per_token"}
-ALL_STAGES = {"download_coco", "build_cifar_qa_csv", "train_siglip", "precompute_embeddings",
-              "train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate",
-              "explore_data"}
+ALL_STAGES = {"download_coco", "build_cifar_qa_csv", "train_siglip", "precompute_embeddings", "prepare_qa_base",
+              "train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate_siglip",
+              "evaluate_qa", "evaluate_captioner", "evaluate_chat", "report", "explore_data"}
 
 
 def test_whole_dag_runs_and_every_model_beats_its_baseline(tiny_repo):
@@ -77,3 +79,54 @@ def test_chat_cli_talks_about_a_held_out_image(tiny_repo, tmp_path):
     assert "with chat model" in p.stdout and p.stdout.count("model> ") == 1 and "(conversation reset)" in p.stdout
     bad = servers.run([*run, "--model", "models/captioner", "--message", "hi"], cwd=cwd, env=env, check=False)
     assert bad.returncode != 0 and "holds a captioner model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _status(repo, env) -> dict:
+    return json.loads(servers.run(["dvc", "status", "--json"], cwd=repo, env=env, timeout=300).stdout)
+
+
+def test_editing_output_neutral_code_leaves_the_dag_clean_and_a_template_reruns_its_model_only(tiny_repo, tmp_path):
+    """A change to tracking, the preflight, the CLI or the demo retrains nothing; a change to the QA
+    model's prompt template names its three stages and no other model's."""
+    if not tiny_repo.full_dag:
+        pytest.skip("needs the whole tiny DAG")
+    repo = tiny_repo.clone(tmp_path / "repo")
+    env = tiny_repo.env(repo)
+    for f in ("vlmpipe/ops/tracking.py", "vlmpipe/ops/preflight.py", "vlmpipe/face/api.py", "vlmpipe/face/serve.py"):
+        with open(repo / f, "a") as fh:
+            fh.write("\n# an edit that writes no output\n")
+    assert _status(repo, env) == {}
+    qa = repo / "vlmpipe/models/qa_model.py"
+    text = qa.read_text()
+    assert '"Question: {}\\nAnswer:"' in text
+    qa.write_text(text.replace('"Question: {}\\nAnswer:"', '"Q: {}\\nA:"'))
+    assert sorted(_status(repo, env)) == ["evaluate_qa", "prepare_qa_base", "train_phi2_qlora"]
+
+
+def test_outputs_are_the_same_with_tracking_off(tiny_repo, tmp_path):
+    """The tiny DAG was built logging to an MLflow server (runs, registered models); stages rerun with
+    VLMPIPE_TRACKING=off write the same bytes: tracking and registration feed no output."""
+    if not tiny_repo.full_dag:
+        pytest.skip("needs the whole tiny DAG")
+    import hashlib
+    import shutil
+
+    import yaml
+
+    repo = tiny_repo.clone(tmp_path / "repo")
+    stages = ["build_cifar_qa_csv", "train_gpt2_chat", "evaluate_chat", "report"]  # a data, a training (registers
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]            # its model), an eval, the report
+
+    def digests() -> dict:
+        outs = [next(iter(o)) if isinstance(o, dict) else o for s in stages
+                for o in spec[s].get("outs", []) + spec[s].get("metrics", [])]
+        files = [f for o in outs for f in ([repo / o] if (repo / o).is_file() else sorted((repo / o).rglob("*")))
+                 if f.is_file() and not {"checkpoints", "speed"} & set(f.parts)]  # they record wall time
+        return {str(f.relative_to(repo)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    before = digests()
+    assert len(before) > 10, before
+    shutil.rmtree(repo / "models/checkpoints/chat")  # train again from the start, not resume at the end
+    servers.run(["dvc", "repro", "--force", "--single-item", *stages], cwd=repo,
+                env=tiny_repo.env(repo, VLMPIPE_TRACKING="off"), timeout=900)
+    assert digests() == before

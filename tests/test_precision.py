@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from vlmpipe.params import SiglipParams, TinyLMParams, TrainParams
-from vlmpipe.runtime import resolve_precision
-from vlmpipe.train import TrainTask, fit
+from vlmpipe.siglip.params import SiglipParams
+from vlmpipe.core.params import TinyLMParams, TrainParams
+from vlmpipe.core.runtime import resolve_precision
+from vlmpipe.loop.train import TrainTask, fit
 
 
 def _cfg(batch_size: int) -> TrainParams:
@@ -39,7 +40,7 @@ def test_auto_precision_is_bf16_on_cuda_only():
 
 def test_siglip_step_under_bf16_autocast(tmp_path):
     from vlmpipe.data.image_texts import ImageTextPairs
-    from vlmpipe.models.siglip import build_siglip
+    from vlmpipe.models.siglip.model import build_siglip
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
@@ -55,7 +56,7 @@ def test_siglip_step_under_bf16_autocast(tmp_path):
 def test_captioner_step_under_bf16_autocast(tmp_path):
     from vlmpipe.data.captions import CaptionDataset
     from vlmpipe.models import captioner as C
-    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
+    from vlmpipe.loop.tiny_base import build as build_tiny_base
 
     caps = [["a red circle", "a big red circle"], ["a blue star"], ["a green ring"], ["two bars"]] * 2
     lm = build_tiny_base("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
@@ -74,14 +75,15 @@ def test_phi_qlora_step_with_bf16_4bit_compute(tmp_path):
     import bitsandbytes as bnb
 
     from test_phi_vlm import build, make_data, small_params
-    from vlmpipe.data.conversations import QADataset, conversation_text
-    from vlmpipe.text import EOS
-    from vlmpipe.pipeline.tiny_base import build as build_tiny_base
+    from vlmpipe.data.conversations import QADataset
+    from vlmpipe.models.qa_model import QA
+    from vlmpipe.core.text import EOS
+    from vlmpipe.loop.tiny_base import build as build_tiny_base
 
     emb, convs = make_data(16, 0)
     p = small_params(tiny=TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
                      train=_cfg(8))
-    texts = [conversation_text(c, EOS)[: -len(EOS)] for c in convs]
+    texts = [QA.text(c, EOS)[: -len(EOS)] for c in convs]
     base = build_tiny_base("phi", p.tiny, texts, tmp_path / "base", seed=0)
     model = build(p, base)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -96,8 +98,9 @@ def test_phi_qlora_step_with_bf16_4bit_compute(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp16", "half"])
 def test_unknown_precision_is_a_one_line_error(precision):
-    from vlmpipe.errors import UserError
-    from vlmpipe.params import from_dict
+    from vlmpipe.core.errors import UserError
+    from vlmpipe.core.params import from_dict
+    from vlmpipe.ops.preflight import ALL_SECTIONS
 
     with pytest.raises(UserError, match=r"^siglip\.train\.precision: must be 'auto', 'fp32' or 'bf16'$"):
-        from_dict({"siglip": {"train": {"precision": precision}}})
+        from_dict({"siglip": {"train": {"precision": precision}}}, ALL_SECTIONS)

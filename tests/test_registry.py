@@ -1,4 +1,4 @@
-"""The trained models in MLflow's model registry (vlmpipe/registry.py, vlmpipe/pyfunc_model.py).
+"""The trained models in MLflow's model registry (vlmpipe/ops/registry.py, vlmpipe/face/pyfunc_model.py).
 
 Fast tests: tiny models built from config (untrained: the point is that the registered model answers
 exactly as the project's own back end does), registered in a temporary SQLite store, loaded back
@@ -21,9 +21,11 @@ import pytest
 import torch
 
 import servers
-from vlmpipe import cli, embeddings, registry
-from vlmpipe.io import read_image
-from vlmpipe.tracking import stage_run
+from vlmpipe.face import api as cli
+from vlmpipe.data import features as embeddings
+from vlmpipe.ops import registry
+from vlmpipe.face.images import read_image
+from vlmpipe.ops.tracking import stage_run
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"siglip": "train_siglip", "captioner": "train_gpt2_captioner", "qa": "train_phi2_qlora",
@@ -45,9 +47,11 @@ def built(tmp_path_factory):
     from vlmpipe.models import captioner as C
     from vlmpipe.models import qa_model as Q
     from vlmpipe.models.chat_model import ChatModel
-    from vlmpipe.models.siglip import build_siglip
-    from vlmpipe.params import Phi2Params, SiglipParams, TinyLMParams
-    from vlmpipe.pipeline import tiny_base
+    from vlmpipe.models.siglip.model import build_siglip
+    from vlmpipe.qa.params import Phi2Params
+    from vlmpipe.siglip.params import SiglipParams
+    from vlmpipe.core.params import TinyLMParams
+    from vlmpipe.loop import tiny_base
 
     root = tmp_path_factory.mktemp("registry")
     models = root / "models"
@@ -136,7 +140,7 @@ def test_captioner_from_the_registry_captions_like_the_cli(built, store, load):
     assert list(got) == want and all(want)
     assert (local / "artifacts/captioner/model.json").is_file()
     assert (local / "artifacts/siglip/model.safetensors").is_file()
-    assert (local / "code/vlmpipe/cli.py").is_file() and not list(local.rglob("__pycache__"))
+    assert (local / "code/vlmpipe/face/api.py").is_file() and not list(local.rglob("__pycache__"))
     assert "torch==" in (local / "requirements.txt").read_text()
 
 
@@ -164,7 +168,7 @@ def test_dialogue_models_answer_like_the_cli_with_history(built, store, load):
 def test_siglip_embeds_images_and_texts_like_the_pipeline(built, store, load):
     import pandas as pd
 
-    from vlmpipe.models.siglip import load_siglip
+    from vlmpipe.models.siglip.model import load_siglip
 
     root, images = built
     uri, _ = store

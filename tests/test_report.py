@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from vlmpipe.report import CaptionExample, QAExample, gallery_html, gallery_png, plot_baselines, plot_curves
+from vlmpipe.evaluate.report import CaptionExample, QAExample, gallery_html, gallery_png, plot_baselines, plot_curves
 
 
 def _img(color):

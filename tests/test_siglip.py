@@ -11,12 +11,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlmpipe.errors import UserError
-from vlmpipe.models.image_tower import ImageTower
+from vlmpipe.core.errors import UserError
+from vlmpipe.models.siglip.image_tower import ImageTower
 from vlmpipe.data.image_texts import ImageTextPairs, image_texts
-from vlmpipe.heldout import _recall_chance, retrieval_metrics
-from vlmpipe.models.siglip import build_siglip, load_siglip
-from vlmpipe.params import SiglipParams
+from vlmpipe.siglip.heldout import _recall_chance, retrieval_metrics
+from vlmpipe.models.siglip.model import build_siglip, load_siglip
+from vlmpipe.siglip.params import SiglipParams
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def test_frozen_hub_text_encoder(tmp_path):
     """A Hugging Face encoder by path: frozen, masked mean pooling, trainable projection, save/load."""
     from transformers import BertConfig, BertModel
 
-    from vlmpipe.text import train_bpe_tokenizer
+    from vlmpipe.core.text import train_bpe_tokenizer
 
     texts = ["a photo of a circle", "a photo of a red square", "is it a polygon? yes", "how many corners? 4"] * 5
     tok = train_bpe_tokenizer(texts, 512)
@@ -148,7 +148,7 @@ def test_imagenet_weights_come_from_the_torch_cache(tmp_path, monkeypatch):
     """Pre-placed as a user's earlier run (or a test) leaves them: loaded with no network at all."""
     from torchvision.models import resnet18
 
-    from vlmpipe.models import image_tower
+    from vlmpipe.models.siglip import image_tower
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(0)
@@ -168,7 +168,7 @@ def test_imagenet_weights_are_downloaded_and_checked(tmp_path, monkeypatch, file
     import io
     from types import SimpleNamespace
 
-    from vlmpipe.models import image_tower
+    from vlmpipe.models.siglip import image_tower
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     buf = io.BytesIO()
@@ -192,7 +192,7 @@ def test_imagenet_weights_are_downloaded_and_checked(tmp_path, monkeypatch, file
 def test_imagenet_weights_offline_is_one_line_naming_the_file(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from vlmpipe.models import image_tower
+    from vlmpipe.models.siglip import image_tower
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     # A host that does not resolve, as on an offline machine (".invalid" never resolves).
@@ -234,7 +234,7 @@ def test_retrieval_metrics_and_chance():
 
 
 def test_text_choice_is_deterministic_per_epoch():
-    from vlmpipe.text import train_bpe_tokenizer
+    from vlmpipe.core.text import train_bpe_tokenizer
 
     prompts = [f"a photo of a {c}" for c in "abc"]
     caps = ["a photo of a red a", None, "a photo of a blue c"]

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import servers
-from vlmpipe.models.sigmoid_loss import SigmoidLoss
+from vlmpipe.models.siglip.loss import SigmoidLoss
 
 
 def reference_loss(img, txt, ids, log_t, b):

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 import servers
-from vlmpipe.errors import UserError
-from vlmpipe.params import load_params
-from vlmpipe.sources import preflight, stages_to_check
+from vlmpipe.core.errors import UserError
+from vlmpipe.ops.preflight import load_all as load_params
+from vlmpipe.ops.preflight import preflight, stages_to_check
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -35,10 +35,10 @@ def test_upstream_and_finished_stages_are_not_checked_again(tmp_path):
     done = ("data/coco", "data/cifar", "data/cifar_qa.csv", "models/siglip", "models/checkpoints/siglip",
             "data/embeddings")
     got = stages_to_check("train_phi2_qlora", _repo(tmp_path, done))
-    # Upstream stages ran already (their archives may be gone); the captioner, the conversations, the chat
-    # model, evaluate and the data-exploration page are still to come.
-    assert got == ["train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate",
-                   "explore_data"]
+    # Upstream stages ran already (their archives may be gone; the QA base is upstream too); the captioner,
+    # the conversations, the chat model, the evaluations, the report and the data-exploration page are to come.
+    assert got == ["train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat",
+                   "evaluate_siglip", "evaluate_qa", "evaluate_captioner", "evaluate_chat", "report", "explore_data"]
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def full_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     # The ResNet-50 weights are pre-placed, so nothing below depends on whether this machine is online.
-    from vlmpipe.models.image_tower import weights_file
+    from vlmpipe.models.siglip.image_tower import weights_file
 
     weights_file("resnet50").parent.mkdir(parents=True)
     weights_file("resnet50").write_bytes(b"placed")
@@ -122,7 +122,7 @@ def test_stage_script_fails_fast_offline_with_one_line(full_offline, tmp_path):
 def test_the_weights_table_is_torchvisions():
     """remote.py's URLs (read by the preflight without importing torchvision models) are the ones
     torchvision downloads for the pinned weights."""
-    from vlmpipe import remote
-    from vlmpipe.models.image_tower import IMAGENET_WEIGHTS
+    from vlmpipe.core import remote
+    from vlmpipe.models.siglip.image_tower import IMAGENET_WEIGHTS
 
     assert {k: w.url for k, w in IMAGENET_WEIGHTS.items()} == remote.IMAGENET_WEIGHTS

@@ -654,7 +654,7 @@ def test_cifar10_batches_are_python2_pickles(cifar_tarball):
 
 def test_cifar10_tarball_passes_the_project_reader(cifar_tarball, tmp_path):
     from vlmpipe.data import cifar
-    from vlmpipe.download import safe_extract
+    from vlmpipe.core.download import safe_extract
 
     safe_extract(cifar_tarball, tmp_path)
     for split, per_class in (("train", 4), ("test", 2)):

@@ -2,7 +2,7 @@
 a dead or refusing server costs one warning and seconds, never the run; no secret
 ever reaches MLflow.
 
-Fast tests drive `vlmpipe.tracking` directly against a sqlite store in tmp_path
+Fast tests drive `vlmpipe.ops.tracking` directly against a sqlite store in tmp_path
 (the default store) and against loopback servers that are dead or refuse. The
 end-to-end tests read back, from a real `mlflow server`, the runs that the
 session's tiny pipeline (conftest `tiny_repo`) logged, and run a stage against a
@@ -72,11 +72,11 @@ def _client(db: Path):
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "vlmpipe.tracking" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "vlmpipe.ops.tracking" and r.levelno >= logging.WARNING]
 
 
 def test_stage_run_logs_params_metrics_tags_artifacts(env, tmp_path):
-    from vlmpipe import tracking
+    from vlmpipe.ops import tracking
 
     repo = Path.cwd()
     (repo / "curve.csv").write_text("step,loss\n0,1.0\n")
@@ -120,7 +120,7 @@ def test_dvc_experiment_name_tag_and_store_under_dvc_root(env, tmp_path):
     """Under `dvc exp run` DVC exports DVC_EXP_NAME / DVC_EXP_BASELINE_REV / DVC_ROOT
     (also in --temp workspaces, where cwd is a temporary copy): the run carries the
     name, and the default store is the user's repository, not the temporary copy."""
-    from vlmpipe import tracking
+    from vlmpipe.ops import tracking
 
     repo, workspace = Path.cwd(), tmp_path / "exp-workspace"
     workspace.mkdir()
@@ -139,7 +139,7 @@ def test_dvc_experiment_name_tag_and_store_under_dvc_root(env, tmp_path):
 
 
 def test_failed_stage_marks_run_failed_and_reraises(env):
-    from vlmpipe import tracking
+    from vlmpipe.ops import tracking
 
     with pytest.raises(ValueError):
         with tracking.stage_run("train_x") as run:
@@ -148,7 +148,7 @@ def test_failed_stage_marks_run_failed_and_reraises(env):
 
 
 def test_disabled_runs_are_inert(env):
-    from vlmpipe import tracking
+    from vlmpipe.ops import tracking
 
     with tracking.stage_run("train_x", {"a": 1}, enabled=False) as run:  # e.g. DDP rank 1
         run.log_metrics({"loss": 1.0}, step=0)
@@ -162,7 +162,7 @@ def test_disabled_runs_are_inert(env):
 
 
 def test_dead_server_one_warning_and_quick(env, caplog):
-    from vlmpipe import tracking
+    from vlmpipe.ops import tracking
 
     env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{servers.dead_port()}")
     t0 = time.monotonic()
@@ -212,7 +212,7 @@ class _Refusing:
 @pytest.mark.parametrize("status", [403, 503])
 def test_refusing_server_one_warning_and_quick(env, caplog, status):
     """403: refused outright. 503: MLflow's client retries; bounded to seconds, not minutes."""
-    from vlmpipe import tracking
+    from vlmpipe.ops import tracking
 
     srv = _Refusing(status)
     try:
@@ -233,7 +233,7 @@ def test_refusing_server_one_warning_and_quick(env, caplog, status):
 
 def test_store_failing_mid_run_one_warning(env, caplog):
     """The store goes away after the run started: one warning, then quiet no-ops."""
-    from vlmpipe import tracking
+    from vlmpipe.ops import tracking
 
     with caplog.at_level(logging.INFO):
         with tracking.stage_run("train_x") as run:
@@ -267,7 +267,7 @@ def test_secrets_never_reach_mlflow_sqlite(tmp_path, empty_store):
     script = f"""
 import logging, os
 logging.basicConfig(level=logging.DEBUG)
-from vlmpipe.tracking import stage_run
+from vlmpipe.ops.tracking import stage_run
 params = {{"qa.csv_path": "s3://bucket/qa.csv", "remote.url": "https://me:{secret}@s3.example.com/b",
           "aws_secret_access_key": "{secret}", "note": "key=" + os.environ["AWS_ACCESS_KEY_ID"]}}
 with stage_run("train_x", params, tags={{"hf_token": "{FAKE_SECRETS['HF_TOKEN']}",
@@ -331,7 +331,7 @@ def test_pipeline_runs_read_back_from_mlflow_server(tiny_repo):
     by_stage = _runs_by_stage(tiny_repo.mlflow)
     spec = yaml.safe_load((tiny_repo.path / "dvc.yaml").read_text())["stages"]
     silent = [s for s in tiny_repo.stages if not by_stage.get(s)]
-    assert not silent, (f"stages that made no MLflow run (they must call vlmpipe.tracking.stage_run): {silent}; "
+    assert not silent, (f"stages that made no MLflow run (they must call vlmpipe.ops.tracking.stage_run): {silent}; "
                         f"runs seen for {sorted(k for k in by_stage if k)}")
     for stage in tiny_repo.stages:
         runs = [r for r in by_stage[stage] if "dvc_experiment" not in r.data.tags]

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlmpipe.errors import UserError
-from vlmpipe import train as train_mod
-from vlmpipe.train import code_fingerprint, fit, trainable_state
+from vlmpipe.core.errors import UserError
+from vlmpipe.loop import train as train_mod
+from vlmpipe.loop.train import code_fingerprint, fit, trainable_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _toy_train import make_cfg, make_task  # noqa: E402
@@ -59,6 +59,7 @@ def test_resume_after_a_crash_matches_uninterrupted(tmp_path):
     assert _rows(tmp_path / "resumed/reports/val_curve.csv") == _rows(tmp_path / "full/reports/val_curve.csv")
 
 
+@pytest.mark.slow  # training processes killed and rerun
 def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -88,6 +89,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
     assert info["metrics"] == json.loads((full / "w.safetensors.json").read_text())["metrics"]
 
 
+@pytest.mark.slow  # two processes, gloo
 def test_two_ranks_with_grad_accumulation_match_one_process(tmp_path):
     """torchrun, 2 ranks x 2 micro-batches of 4 (no_sync on the first) == 1 process x 1 batch of 16."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -109,7 +111,7 @@ def test_two_ranks_with_grad_accumulation_match_one_process(tmp_path):
 def test_identity_change_starts_fresh_with_a_warning(tmp_path, caplog):
     _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2))
     assert (tmp_path / "ckpt/step_00000006").exists()
-    with caplog.at_level(logging.WARNING, logger="vlmpipe.train"):
+    with caplog.at_level(logging.WARNING, logger="vlmpipe.loop.train"):
         _, res = _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2), identity={"toy": 2})
     assert res.resumed_from_step == 0
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -124,7 +126,7 @@ def test_code_change_starts_fresh(tmp_path, monkeypatch, caplog):
     run's final checkpoint must not be taken as this run's result."""
     _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2))
     monkeypatch.setattr(train_mod, "code_fingerprint", lambda: "edited sources")
-    with caplog.at_level(logging.WARNING, logger="vlmpipe.train"):
+    with caplog.at_level(logging.WARNING, logger="vlmpipe.loop.train"):
         _, res = _run(tmp_path, cfg=make_cfg(epochs=1, checkpoint_every=2))
     assert res.resumed_from_step == 0 and res.steps == 6
     assert "code:" in " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -137,6 +139,31 @@ def test_code_fingerprint_covers_the_package_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "__file__", str(fake_pkg / "train.py"))
     before = code_fingerprint()
     (fake_pkg / "a.py").write_text("x = 2\n")
+    assert code_fingerprint() != before
+
+
+def test_code_fingerprint_of_a_stage_is_the_code_it_lists_in_dvc_yaml(tmp_path, monkeypatch):
+    """Run as a dvc.yaml stage, a checkpoint's code identity covers the code deps of that stage: an edit
+    to code no stage lists (the CLI, tracking) keeps it resumable, as it keeps `dvc status` clean."""
+    import __main__
+
+    for rel, text in {"stages/x.py": "main()\n", "pkg/core/a.py": "x = 1\n", "pkg/face/cli.py": "y = 1\n",
+                      "data/in.csv": "1\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: echo\n    outs: [data]\n"
+        "  x:\n    cmd: python -m vlmpipe.loop.launch stages/x.py\n    deps: [stages/x.py, pkg/core, data/in.csv]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(__main__, "__file__", str(tmp_path / "stages/x.py"), raising=False)
+    before = code_fingerprint()
+    (tmp_path / "pkg/face/cli.py").write_text("y = 2\n")  # not a dep
+    (tmp_path / "data/in.csv").write_text("2\n")  # data: the checkpoint identity's own "data" entry
+    assert code_fingerprint() == before
+    (tmp_path / "pkg/core/a.py").write_text("x = 2\n")
+    assert code_fingerprint() != before
+    (tmp_path / "pkg/core/a.py").write_text("x = 1\n")
+    (tmp_path / "stages/x.py").write_text("main()  # edited\n")
     assert code_fingerprint() != before
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlmpipe.errors import UserError, stage_entry
+from vlmpipe.core.errors import UserError, stage_entry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,25 +56,25 @@ def _parser() -> argparse.ArgumentParser:
 def _run(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     # Imported here, not at the top: --help and usage errors answer at once, without loading torch.
-    from vlmpipe import cli
+    from vlmpipe.face import api as cli
 
     if args.command == "caption":
         for path, text in zip(args.images, cli.caption_files(args.model, args.images, beam_size=args.beam_size)):
-            sys.stdout.write(f"{path}\t{_one_line(text)}\n")
+            sys.stdout.write(f"{path}\t{one_line_error(text)}\n")
     elif args.command == "serve":
-        from vlmpipe.serve import serve
+        from vlmpipe.face.serve import serve
 
         serve(args.host, args.port, args.captioner, args.qa, args.chat, args.coco)
     elif args.command == "chat":
-        cli.chat(args.image, args.model, args.message, write=lambda text: print(_one_line(text), flush=True))
+        cli.chat(args.image, args.model, args.message, write=lambda text: print(one_line_error(text), flush=True))
     else:
         if len(args.history) % 2:
             raise UserError("--history: give question and answer pairs (an even number of texts)")
         turns = list(zip(args.history[0::2], args.history[1::2]))
-        sys.stdout.write(_one_line(cli.ask_file(args.model, args.image, args.question, history=turns)) + "\n")
+        sys.stdout.write(one_line_error(cli.ask_file(args.model, args.image, args.question, history=turns)) + "\n")
 
 
-def _one_line(text: str) -> str:
+def one_line_error(text: str) -> str:
     """A generated text as one output line: a model may emit tabs or newlines, which would split a
     caption's TSV row or an answer into several lines for the script reading them."""
     return " ".join(text.split())

@@ -3,7 +3,7 @@
 launch.py uploads a clean clone of the repository as ``source_dir`` with this file copied to its root
 (SageMaker runs an entry point from the root of source_dir). By the time this runs, SageMaker has
 installed requirements.txt with pip, and the working directory, /opt/ml/code, is the repository.
-SageMaker runs it once (no ``distribution``): DVC drives the stages, and ``vlmpipe.launch`` starts one
+SageMaker runs it once (no ``distribution``): DVC drives the stages, and ``vlmpipe.loop.launch`` starts one
 process per GPU for the GPU stages (launch.py says why torchrun is not left to SageMaker).
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ Why no ``distribution={"torch_distributed": {"enabled": True}}``: with it SageMa
 ``torchrun --nproc_per_node <GPUs> entry.py`` on every instance, i.e. four copies of entry.py per
 instance, each running `dvc pull` / `dvc exp run` on the same repository (DVC's lock refuses, or the
 copies overwrite each other's outputs), and each GPU stage would then start its own torchrun inside
-SageMaker's. Here DVC has to run once, and ``python -m vlmpipe.launch`` (dvc.yaml's command for the GPU
+SageMaker's. Here DVC has to run once, and ``python -m vlmpipe.loop.launch`` (dvc.yaml's command for the GPU
 stages) starts the 4 processes of each stage that DVC decides to run, with the counts that dvc.lock
 records. So: one instance, no ``distribution``, entry.py run once.
 
@@ -22,9 +22,10 @@ entry.py once per host (SM_HOSTS, SM_CURRENT_HOST). The hosts share no disk, and
 data while rank 0 writes the outputs, so the repository must live on a shared filesystem: FSx for Lustre
 or EFS, given to fit() as a ``sagemaker.inputs.FileSystemInput`` (with subnets and security groups), and
 entry.py would cd into it. Then, with launch.nnodes=N and launch.rdzv_endpoint=algo-1:29400 in
-params.yaml: algo-1 runs the CPU stages (`dvc repro download_coco build_cifar_qa_csv`); every host runs,
-per GPU stage in DAG order, ``python -m vlmpipe.launch --node --rdzv-endpoint algo-1:29400
-stages/<stage>.py``; algo-1 runs `dvc repro evaluate` and finally `dvc commit`, which records in dvc.lock
+params.yaml: algo-1 runs the CPU stages (`dvc repro download_coco build_cifar_qa_csv build_conversations
+prepare_qa_base`); every host runs,
+per GPU stage in DAG order, ``python -m vlmpipe.loop.launch --node --rdzv-endpoint algo-1:29400
+stages/<stage>.py``; algo-1 runs `dvc repro` (the evaluations and the report) and `dvc commit`, which records in dvc.lock
 the outputs the launchers wrote without DVC; then `dvc push`. That reruns every GPU stage each time;
 deploy/kubernetes/node.sh shows how the other hosts can follow DVC's decisions instead.
 """

@@ -13,9 +13,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from vlmpipe import embeddings
+from vlmpipe.data import features as embeddings
 from vlmpipe.data.coco import CocoCaptions
-from vlmpipe.errors import UserError
+from vlmpipe.core.errors import UserError
 
 
 def encode_captions(tokenizer, captions: Sequence[str], max_caption_tokens: int) -> list[list[int]]:

@@ -1,20 +1,14 @@
 """Multi-turn conversations as training examples for the chat model.
 
-The chat template (``TEMPLATE``, recorded in the saved model)::
-
-    [K image prefix vectors]User: {q1}\\nAssistant: {a1}<eos>User: {q2}\\nAssistant: {a2}<eos> ...
-
-Each turn is tokenized piecewise — ``"User: {q}\\nAssistant:"``, then ``" {a}"``, then the EOS
-id — so the assistant's tokens are known exactly; labels cover them and each EOS (which teaches
-the model to stop), never the user's text or padding. The image is the prefix, so the
-``<image>`` marker of the LLaVA text is dropped.
+In the chat template (``vlmpipe.models.lm.templates.CHAT``): labels on the assistant's tokens and
+each EOS, never the user's text or padding; the ``<image>`` marker of the LLaVA text is dropped.
 
 A conversation longer than the LM's positions is cut into *windows* at turn boundaries: the last
 window holds the latest turns that fit, the one before it the turns before those, and so on, so
 every assistant turn is trained once, with as much of the earlier conversation as fits in front
 of it (whole turns dropped from the front). A single turn longer than the window keeps its start.
-At inference the prompt is the earlier turns — oldest dropped first — then ``"User: {q}\\nAssistant:"``:
-what training saw before that answer.
+At inference the prompt is the earlier turns, oldest dropped first, then the user's part: what
+training saw before that answer.
 """
 from __future__ import annotations
 
@@ -24,44 +18,12 @@ from typing import Sequence
 
 import torch
 
-from vlmpipe import embeddings
+from vlmpipe.data import features as embeddings
 from vlmpipe.data import llava
-from vlmpipe.data.collate import IGNORE_INDEX
-from vlmpipe.errors import UserError
+from vlmpipe.models.chat_model import CHAT
+from vlmpipe.core.errors import UserError
 
 log = logging.getLogger(__name__)
-
-TEMPLATE = {
-    "name": "chat-v1",
-    "image": "K prefix vectors from the projector, before any text",
-    "user": "User: {text}\nAssistant:",
-    "assistant": " {text}",
-    "turn_end": "<eos>",
-    "labels": "assistant tokens + the EOS after each assistant turn",
-}
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def user_text(text: str) -> str:
-    return TEMPLATE["user"].format(text=" ".join(str(text).split()))
-
-
-def assistant_text(text: str) -> str:
-    return TEMPLATE["assistant"].format(text=" ".join(str(text).split()))
-
-
-def encode_turns(tokenizer, turns: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(ids, labels) of each (user, assistant) turn."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for q, a in turns:
-        q_ids, a_ids = _ids(tokenizer, user_text(q)), _ids(tokenizer, assistant_text(a)) + [eos]
-        out.append((q_ids + a_ids, [IGNORE_INDEX] * len(q_ids) + a_ids))
-    return out
-
 
 def windows(encoded: Sequence[tuple[list[int], list[int]]], max_tokens: int) -> list[tuple[list[int], list[int]]]:
     """Training windows of one conversation's encoded turns (see the module text), oldest first."""
@@ -77,17 +39,6 @@ def windows(encoded: Sequence[tuple[list[int], list[int]]], max_tokens: int) -> 
         out.append((ids, labels))
         end = start
     return out[::-1]
-
-
-def encode_prompt(tokenizer, message: str, history: Sequence[tuple[str, str]] = (),
-                  max_tokens: int | None = None) -> list[int]:
-    """Prompt ids for ``message`` after the earlier ``history`` turns (oldest dropped first if too long)."""
-    tail = _ids(tokenizer, user_text(message))
-    turns = [ids for ids, _ in encode_turns(tokenizer, history)]
-    while turns and max_tokens is not None and sum(map(len, turns)) + len(tail) > max_tokens:
-        turns.pop(0)
-    ids = [t for turn in turns for t in turn] + tail
-    return ids[-max_tokens:] if max_tokens is not None else ids
 
 
 class ChatDataset(torch.utils.data.Dataset):
@@ -106,7 +57,7 @@ class ChatDataset(torch.utils.data.Dataset):
         self.items: list[tuple[int, list[int], list[int]]] = []
         split = 0
         for i, conv in enumerate(self.conversations):
-            w = windows(encode_turns(tokenizer, conv), max_tokens)
+            w = windows(CHAT.encode_turns(tokenizer, conv), max_tokens)
             split += len(w) > 1
             self.items += [(i, ids, labels) for ids, labels in w]
         if split:
@@ -124,11 +75,15 @@ class ChatDataset(torch.utils.data.Dataset):
         return sum(len(ids) for _, ids, _ in self.items)
 
 
-def conversation_features(records: Sequence[dict], embeddings_root: Path, encoder: dict, where: Path
-                          ) -> tuple[torch.Tensor, list[int]]:
-    """(features [M, R, D], the row of each record's image): the cached COCO features of the images the
-    ``records`` are about, from the train or val cache (``where``: the file that names them)."""
-    caches = [embeddings.load(embeddings_root, "coco", s, expect_encoder=dict(encoder)) for s in ("train", "val")]
+def coco_caches(embeddings_root: Path, encoder: dict) -> list:
+    """The train and val COCO feature caches made by ``encoder``, read once for a stage: conversations
+    held out from train2017 are about train images, so both splits read both."""
+    return [embeddings.load(embeddings_root, "coco", s, expect_encoder=dict(encoder)) for s in ("train", "val")]
+
+
+def conversation_features(records: Sequence[dict], caches: Sequence, where: Path) -> tuple[torch.Tensor, list[int]]:
+    """(features [M, R, D], the row of each record's image): the features of the images the ``records``
+    are about, from the train or val cache of ``caches`` (``where``: the file that names them)."""
     index = {}
     for c, cache in enumerate(caches):
         for r, i in enumerate(cache.ids.tolist()):
@@ -139,18 +94,19 @@ def conversation_features(records: Sequence[dict], embeddings_root: Path, encode
         iid = llava.image_id(rec["image"])
         if iid not in index:
             raise UserError(f"{where}: record {rec['id']!r} is about image {rec['image']}, which has no cached "
-                            f"features in {embeddings_root} (rerun `dvc repro build_conversations`)")
+                            f"COCO features (rerun `dvc repro build_conversations`)")
         rows.append(order.setdefault(iid, len(order)))
     picks = [index[i] for i in order]
     feats = torch.stack([torch.as_tensor(caches[c].embeddings[r]) for c, r in picks]) if picks else torch.empty(0)
     return feats, rows
 
 
-def load_conversations(conv_root: Path, split: str, embeddings_root: Path, encoder: dict
+def load_conversations(conv_root: Path, split: str, caches: Sequence
                        ) -> tuple[torch.Tensor, list[int], list[list[tuple[str, str]]], list[list[str]], list[dict]]:
-    """(features, image rows, turns, turn types, records) of ``data/conversations/{split}.json``."""
+    """(features, image rows, turns, turn types, records) of ``data/conversations/{split}.json``, the
+    features from ``caches`` (``coco_caches``)."""
     records, types = llava.load_split(conv_root, split)
-    feats, rows = conversation_features(records, embeddings_root, encoder, conv_root / f"{split}.json")
+    feats, rows = conversation_features(records, caches, conv_root / f"{split}.json")
     turns = [llava.turns_of(r) for r in records]
     kinds = [types.get(str(r["id"])) or llava.default_types(len(t)) for r, t in zip(records, turns)]
     return feats, rows, turns, kinds, records

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from vlmpipe import remote
-from vlmpipe.download import default_download_dir, download, safe_extract, verify_file
-from vlmpipe.errors import UserError
+from vlmpipe.core import remote
+from vlmpipe.core.download import default_download_dir, download, safe_extract, verify_file
+from vlmpipe.core.errors import UserError
 from vlmpipe.data import shapes
 
 log = logging.getLogger(__name__)

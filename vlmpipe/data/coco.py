@@ -40,10 +40,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlmpipe import remote
+from vlmpipe.core import remote
 from vlmpipe.data import shapes
-from vlmpipe.download import default_download_dir, download, open_zip, verify_file
-from vlmpipe.errors import UserError
+from vlmpipe.core.download import default_download_dir, download, open_zip, verify_file
+from vlmpipe.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

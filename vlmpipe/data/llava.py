@@ -20,7 +20,6 @@ and counted.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,11 +29,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from vlmpipe import hub, remote
+from vlmpipe.core import hub
+from vlmpipe.core import remote
 from vlmpipe.data.coco import SPLITS, CocoCaptions
-from vlmpipe.download import default_download_dir, download
-from vlmpipe.errors import UserError
-from vlmpipe.io import atomic_path, write_json
+from vlmpipe.core.download import default_download_dir, download, file_digest
+from vlmpipe.core.errors import UserError
+from vlmpipe.core.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def build(p, seed: int, coco_root: str | os.PathLike, out: str | os.PathLike,
         src = _source_file(p, Path(download_dir) if download_dir else None)
         log.info("reading %s", src)
         records = read(src)
-        origin = {"file": str(src) if p.path else HUB_FILE, "sha256": _sha256(src),
+        origin = {"file": str(src) if p.path else HUB_FILE, "sha256": file_digest(src, "sha256"),
                   "revision": None if (p.path or p.url) else p.revision}
     else:
         records, types = scene_dialogues.build(coco_root, seed, p.per_image)
@@ -219,14 +219,6 @@ def _write_records(path: Path, records: Iterable[dict]) -> None:
     # One record per line: diffable, and still exactly one JSON list like the original file.
     rows = [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in records]
     path.write_text("[\n" + ",\n".join(rows) + "\n]\n", encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading the output

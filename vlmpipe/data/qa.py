@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from vlmpipe.data import shapes
 from vlmpipe.data.cifar import SPLITS, load_split
-from vlmpipe.errors import UserError
-from vlmpipe.io import write_text
+from vlmpipe.core.errors import UserError
+from vlmpipe.core.io import write_text
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from vlmpipe.data import shapes
 from vlmpipe.data.coco import SPLITS, CocoCaptions
-from vlmpipe.errors import UserError
+from vlmpipe.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _DESCRIBE = ("Describe the image.", "What do you see in this picture?", "Describ
 def describe(scene: shapes.Scene) -> str:
     """The canonical description: "a small red star in the top left and a large blue ring in the
     bottom right on a dark background"."""
-    parts = [f"{shapes._a(s.description)} in the {shapes.QUADRANT_NAMES[s.quadrant]}" for s in scene.shapes]
+    parts = [f"{shapes.with_article(s.description)} in the {shapes.QUADRANT_NAMES[s.quadrant]}" for s in scene.shapes]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{listed} on a {scene.background} background"
 
@@ -81,7 +81,7 @@ class _Dialogue:
             q = int(self.rng.integers(4))
             s = self.by_quadrant.get(q)
             self.topic, self.last = s, ("what_at", str(q))
-            return f"What is in the {shapes.QUADRANT_NAMES[q]}?", shapes._a(s.kind) if s else "nothing"
+            return f"What is in the {shapes.QUADRANT_NAMES[q]}?", shapes.with_article(s.kind) if s else "nothing"
         if kind == "relation":
             a, b = self.rng.choice(len(sc.shapes), size=2, replace=False)
             sa, sb = sc.shapes[int(a)], sc.shapes[int(b)]
@@ -115,7 +115,7 @@ class _Dialogue:
             q = self._pick([i for i in range(4) if str(i) != named])
             s = self.by_quadrant.get(q)
             self.topic, self.last = s, ("what_at", str(q))
-            return f"And in the {shapes.QUADRANT_NAMES[q]}?", shapes._a(s.kind) if s else "nothing"
+            return f"And in the {shapes.QUADRANT_NAMES[q]}?", shapes.with_article(s.kind) if s else "nothing"
         other = self._pick([s for s in self.scene.shapes if s.kind != named])
         self.topic, self.last = other, (attr, other.kind)
         return f"And the {other.kind}?", self._attribute(attr, other, "")[1]

@@ -202,7 +202,7 @@ def random_scene(rng: np.random.Generator, size: int = 64) -> Scene:
 # --- captions --------------------------------------------------------------------
 
 
-def _a(words: str) -> str:
+def with_article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
@@ -224,7 +224,7 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[s
     """``n`` distinct, true paraphrases describing ``scene`` (lower case, no full stop)."""
     sh = scene.shapes
     bg = scene.background
-    d = [_a(s.description) for s in sh]
+    d = [with_article(s.description) for s in sh]
     if len(sh) == 1:
         (A,), s = d, sh[0]
         pool = [
@@ -233,7 +233,7 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[s
             f"{A} in the {_where(s)}",
             f"there is {A} in the {_where(s)} of the image",
             f"a picture of {A}",
-            f"{_a(s.size + ' ' + s.kind)} coloured {s.colour}",
+            f"{with_article(s.size + ' ' + s.kind)} coloured {s.colour}",
             f"a single {s.description} on a {bg} background",
         ]
     elif len(sh) == 2:

@@ -3,7 +3,7 @@
 - Vision: a frozen encoder's features, R per image (``regions``: 1 pooled vector, or 5 = the
   whole image + its four quadrants), read from the precomputed cache; the encoder never runs
   inside training and its weights are never saved with the captioner — its identity is
-  (``config.encoder``), so new images are featurised the same way (``vlmpipe.cli``).
+  (``config.encoder``), so new images are featurised the same way (``vlmpipe.face.api``).
 - Projector: ClipCap's MLP from the [R, D] features to K prefix vectors.
 - LM: GPT-2 — the hub ``gpt2`` (or any GPT-2 id or folder) or the tiny GPT-2 built offline —
   fine-tuned; ``freeze_lm`` trains the projector alone (the LM then stays in eval mode).
@@ -23,10 +23,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from vlmpipe import hub
-from vlmpipe.errors import UserError
-from vlmpipe.models.prefix_lm import CONFIG_NAME, PrefixLM, PrefixLMConfig
-from vlmpipe.models.projector import PrefixProjector
+from vlmpipe.core import hub
+from vlmpipe.core.errors import UserError
+from vlmpipe.models.lm.prefix_lm import CONFIG_NAME, PrefixLM, PrefixLMConfig
+from vlmpipe.models.lm.projector import PrefixProjector
 
 LENGTH_PENALTY = 1.0
 REBUILD = "run `dvc repro train_gpt2_captioner` (or `dvc checkout models/captioner`)"

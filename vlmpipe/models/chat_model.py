@@ -2,7 +2,7 @@
 
 Same parts as the captioner (``models/captioner.py``): the frozen encoder's cached features, its
 MLP projector into K prefix vectors, its GPT-2 — all three carried over from the captioner and
-fine-tuned further on the conversations in the chat template (``vlmpipe.data.chat``). It answers
+fine-tuned further on the conversations in the chat template (``vlmpipe.models.lm.templates.CHAT``). It answers
 a message (``answer``) greedily, the earlier turns of the conversation as the prompt's history;
 the image stays the prefix throughout. The QA model has the same ``answer``, so one chat front
 end (``python -m vlmpipe chat``) talks to either.
@@ -19,12 +19,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vlmpipe import hub
-from vlmpipe.data.chat import TEMPLATE, encode_prompt
-from vlmpipe.errors import UserError
-from vlmpipe.models.prefix_lm import CONFIG_NAME, PrefixLM, PrefixLMConfig
+from vlmpipe.core import hub
+from vlmpipe.models.lm.templates import PromptTemplate
+from vlmpipe.core.errors import UserError
+from vlmpipe.models.lm.prefix_lm import CONFIG_NAME, PrefixLM, PrefixLMConfig
 
 REBUILD = "run `dvc repro train_gpt2_chat` (or `dvc checkout models/chat`)"
+
+# The prompt template this model is trained and asked in (recorded in the saved model).
+CHAT = PromptTemplate("chat-v1", "User: {}\nAssistant:", " {}", "assistant tokens + the EOS after each assistant turn",
+                      keys=("user", "assistant"), slots=("text", "text"))
+
 
 
 class ChatModel(PrefixLM):
@@ -44,7 +49,7 @@ class ChatModel(PrefixLM):
         config = dataclasses.replace(
             captioner.config, kind=cls.KIND, max_new_tokens=int(max_new_tokens), num_beams=1,
             max_prompt_tokens=limit,
-            extra={"template": dict(TEMPLATE), "from_captioner": str(captioner.model_dir or "")})
+            extra={"template": CHAT.record(), "from_captioner": str(captioner.model_dir or "")})
         lm = captioner.lm.requires_grad_(True)  # a captioner trained with a frozen LM: the chat model tunes it
         model = cls(lm, captioner.projector, captioner.tokenizer, config)
         model.model_dir = None
@@ -61,7 +66,7 @@ class ChatModel(PrefixLM):
         histories = histories if histories is not None else [()] * len(messages)
         # The reply must fit after the prompt within the LM's positions.
         limit = max(self.window - int(self.config.max_new_tokens), 8)
-        prompts = [encode_prompt(self.tokenizer, m, h, limit) for m, h in zip(messages, histories)]
+        prompts = [CHAT.encode_prompt(self.tokenizer, m, h, limit) for m, h in zip(messages, histories)]
         return [self.decode(ids) for ids in self.generate(feats, prompts)]
 
     def save_lm(self, d: Path) -> None:

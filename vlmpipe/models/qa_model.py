@@ -7,7 +7,7 @@
   switches on gradient checkpointing. LoRA adapters (r, alpha, dropout, rsLoRA, target
   modules) are the only trainable LM weights; the projector trains in full.
 - It answers a question (``answer``) greedily, the earlier turns of the conversation as the
-  prompt's history (``vlmpipe.data.conversations``).
+  prompt's history (``vlmpipe.models.lm.templates.QA``).
 - Saved: the PEFT adapter in ``adapter/`` (byte-stable: equal models save equal bytes, as DVC's
   hashes need), and for the offline default the tiny base itself in ``lm/``; a hub base is
   referenced by id and commit and loaded at that commit again.
@@ -23,15 +23,20 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from vlmpipe import hub
-from vlmpipe.data.conversations import TEMPLATE, encode_prompt
-from vlmpipe.errors import UserError
-from vlmpipe.io import read_json, write_json
-from vlmpipe.models.prefix_lm import CONFIG_NAME, PrefixLM, PrefixLMConfig
-from vlmpipe.models.projector import PrefixProjector
-from vlmpipe.runtime import resolve_precision
+from vlmpipe.core import hub
+from vlmpipe.models.lm.templates import PromptTemplate
+from vlmpipe.core.errors import UserError
+from vlmpipe.core.io import read_json, write_json
+from vlmpipe.models.lm.prefix_lm import CONFIG_NAME, PrefixLM, PrefixLMConfig
+from vlmpipe.models.lm.projector import PrefixProjector
+from vlmpipe.core.runtime import resolve_precision
 
 REBUILD = "run `dvc repro train_phi2_qlora` (or `dvc checkout models/phi2_vlm`)"
+
+# The prompt template this model is trained and asked in (recorded in the saved model).
+QA = PromptTemplate("qa-v1", "Question: {}\nAnswer:", " {}", "answer tokens + the EOS after each answer",
+                    keys=("question", "answer"), slots=("question", "answer"))
+
 
 
 def check_attn_implementation(name: str, device: torch.device) -> str:
@@ -110,7 +115,7 @@ class QAModel(PrefixLM):
         """Greedy answers, one per row of ``feats`` [B, R, D]: ``questions[i]`` after the turns ``histories[i]``."""
         histories = histories if histories is not None else [()] * len(questions)
         limit = self.config.max_prompt_tokens
-        prompts = [encode_prompt(self.tokenizer, q, h, limit) for q, h in zip(questions, histories)]
+        prompts = [QA.encode_prompt(self.tokenizer, q, h, limit) for q, h in zip(questions, histories)]
         return [self.decode(ids) for ids in self.generate(feats, prompts)]
 
     def trainable_counts(self) -> dict[str, int]:
@@ -216,7 +221,7 @@ def build_qa_model(p, base: str | Path, device: torch.device | str = "cpu", *, e
         lm_revision=None if tiny or hub.is_local(p.base_model) else (commit or revision),
         feature_dim=int(feature_dim), regions=int(regions), prefix_tokens=p.prefix_tokens,
         max_new_tokens=p.max_new_tokens, num_beams=1, max_prompt_tokens=p.max_seq_len, encoder=dict(encoder),
-        extra={"load_in_4bit": p.load_in_4bit, "attn_implementation": p.attn_implementation, "template": TEMPLATE,
+        extra={"load_in_4bit": p.load_in_4bit, "attn_implementation": p.attn_implementation, "template": QA.record(),
                "lora": {"r": p.lora_r, "alpha": p.lora_alpha, "dropout": p.lora_dropout,
                         "use_rslora": p.use_rslora, "target_modules": sorted(p.target_modules)}})
     model = QAModel(lm, projector, tokenizer, config)

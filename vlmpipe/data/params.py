@@ -1,0 +1,105 @@
+"""Params of the data stages: ``coco`` (download_coco), ``cifar`` and ``qa`` (build_cifar_qa_csv),
+``conversations`` (build_conversations)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlmpipe.core.params import check, check_input_path, check_revision, check_url
+
+
+@dataclass
+class CocoParams:
+    # "synthetic": the offline shapes world written in COCO 2017 format;
+    # "coco2017": the official archives.
+    source: str = "synthetic"
+    # Images per split to keep (deterministic subset); 0 keeps all.
+    max_images: int = 0
+    synthetic_train_images: int = 2000
+    synthetic_val_images: int = 250
+    image_size: int = 64
+    # Where coco2017 comes from. ``url``: a mirror's base URL standing in for
+    # http://images.cocodataset.org (same paths below it); ``local_dir``: a folder already
+    # holding the three official archives, used in place and never modified; both empty: the
+    # official site. ``verify``: check the published size and md5 (false for a mirror or copy
+    # that serves other bytes, e.g. a re-packed archive).
+    url: str = ""
+    local_dir: str = ""
+    verify: bool = True
+
+    def validate(self, key: str) -> None:
+        check(self.source in ("synthetic", "coco2017"), f"{key}.source", f"must be 'synthetic' or 'coco2017', got {self.source!r}")
+        check(not (self.url and self.local_dir), f"{key}.local_dir", "set either url or local_dir, not both")
+        if not self.verify:  # with verify the published md5 pins the content; without, DVC must watch it
+            check_input_path(self.local_dir, f"{key}.local_dir", "data")
+        check_url(self.url, f"{key}.url")
+        check(self.max_images >= 0, f"{key}.max_images", "must be >= 0")
+        check(self.synthetic_train_images > 0, f"{key}.synthetic_train_images", "must be > 0")
+        check(self.synthetic_val_images > 0, f"{key}.synthetic_val_images", "must be > 0")
+        check(32 <= self.image_size <= 1024, f"{key}.image_size", "must be between 32 and 1024")
+
+
+@dataclass
+class CifarParams:
+    # "synthetic": generated 10-class shapes in CIFAR-10 batch format;
+    # "cifar10": the official python tarball.
+    source: str = "synthetic"
+    synthetic_train_per_class: int = 500
+    synthetic_test_per_class: int = 100
+    # Where cifar10 comes from: ``url``, the full URL of a mirror's cifar-10-python.tar.gz;
+    # ``local_path``: a copy of that file on disk (used in place, never modified); both empty:
+    # the official site. ``verify``: check the published size and md5.
+    url: str = ""
+    local_path: str = ""
+    verify: bool = True
+
+    def validate(self, key: str) -> None:
+        check(self.source in ("synthetic", "cifar10"), f"{key}.source", f"must be 'synthetic' or 'cifar10', got {self.source!r}")
+        check(not (self.url and self.local_path), f"{key}.local_path", "set either url or local_path, not both")
+        if not self.verify:
+            check_input_path(self.local_path, f"{key}.local_path", "data")
+        check_url(self.url, f"{key}.url")
+        check(self.synthetic_train_per_class > 0, f"{key}.synthetic_train_per_class", "must be > 0")
+        check(self.synthetic_test_per_class > 0, f"{key}.synthetic_test_per_class", "must be > 0")
+
+
+@dataclass
+class QaParams:
+    # Empty: generate data/cifar_qa.csv. A path: validate and use that CSV.
+    csv_path: str = ""
+    questions_per_image: int = 5
+
+    def validate(self, key: str) -> None:
+        check(1 <= self.questions_per_image <= 5, f"{key}.questions_per_image", "must be between 1 and 5")
+        check_input_path(self.csv_path, f"{key}.csv_path", "data")
+
+
+@dataclass
+class ConversationsParams:
+    """Where build_conversations gets its LLaVA-Instruct-format conversations (vlmpipe/data/llava.py)."""
+
+    # "synthetic": generated from the shapes-world COCO scenes (needs coco.source: synthetic);
+    # "llava_instruct_150k": llava_instruct_150k.json of the hub dataset liuhaotian/LLaVA-Instruct-150K.
+    source: str = "synthetic"
+    # A LLaVA-format JSON of your own under inputs/data/ (validated, used in place of ``source``).
+    path: str = ""
+    # synthetic: conversations per COCO image.
+    per_image: int = 1
+    # llava_instruct_150k: the dataset's hub revision (a commit hash pins the file), or ``url``: a
+    # mirror's URL of llava_instruct_150k.json in place of the hub's.
+    revision: str = "main"
+    url: str = ""
+    # Conversations about train2017 images held out for evaluation (by image, seeded) when no
+    # conversation is about a val2017 image (LLaVA-Instruct-150K has none).
+    heldout_fraction: float = 0.02
+    # Keep at most this many training conversations (a seeded subset); 0 keeps all.
+    max_conversations: int = 0
+
+    def validate(self, key: str) -> None:
+        check(self.source in ("synthetic", "llava_instruct_150k"), f"{key}.source",
+              f"must be 'synthetic' or 'llava_instruct_150k', got {self.source!r}")
+        check_input_path(self.path, f"{key}.path", "data")
+        check(1 <= self.per_image <= 10, f"{key}.per_image", "must be between 1 and 10")
+        check_revision(self.revision, f"{key}.revision")
+        check_url(self.url, f"{key}.url")
+        check(0 < self.heldout_fraction < 1, f"{key}.heldout_fraction", "must be in (0, 1)")
+        check(self.max_conversations >= 0, f"{key}.max_conversations", "must be >= 0")
