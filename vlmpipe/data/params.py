@@ -7,6 +7,18 @@ from dataclasses import dataclass
 from vlmpipe.core.params import check, check_input_path, check_revision, check_url
 
 
+def check_source(key: str, source: str, sources: tuple[str, ...], url: str, local_key: str, local: str,
+                 verify: bool) -> None:
+    """What every downloaded data set's section shares: a known ``source``; a mirror ``url`` or a local
+    copy, not both; a local copy under inputs/data/ unless ``verify`` pins its content by the published
+    md5 (without it, DVC must watch the file)."""
+    check(source in sources, f"{key}.source", f"must be {' or '.join(map(repr, sources))}, got {source!r}")
+    check(not (url and local), f"{key}.{local_key}", f"set either url or {local_key}, not both")
+    if not verify:
+        check_input_path(local, f"{key}.{local_key}", "data")
+    check_url(url, f"{key}.url")
+
+
 @dataclass
 class CocoParams:
     # "synthetic": the offline shapes world written in COCO 2017 format;
@@ -27,11 +39,7 @@ class CocoParams:
     verify: bool = True
 
     def validate(self, key: str) -> None:
-        check(self.source in ("synthetic", "coco2017"), f"{key}.source", f"must be 'synthetic' or 'coco2017', got {self.source!r}")
-        check(not (self.url and self.local_dir), f"{key}.local_dir", "set either url or local_dir, not both")
-        if not self.verify:  # with verify the published md5 pins the content; without, DVC must watch it
-            check_input_path(self.local_dir, f"{key}.local_dir", "data")
-        check_url(self.url, f"{key}.url")
+        check_source(key, self.source, ("synthetic", "coco2017"), self.url, "local_dir", self.local_dir, self.verify)
         check(self.max_images >= 0, f"{key}.max_images", "must be >= 0")
         check(self.synthetic_train_images > 0, f"{key}.synthetic_train_images", "must be > 0")
         check(self.synthetic_val_images > 0, f"{key}.synthetic_val_images", "must be > 0")
@@ -53,11 +61,7 @@ class CifarParams:
     verify: bool = True
 
     def validate(self, key: str) -> None:
-        check(self.source in ("synthetic", "cifar10"), f"{key}.source", f"must be 'synthetic' or 'cifar10', got {self.source!r}")
-        check(not (self.url and self.local_path), f"{key}.local_path", "set either url or local_path, not both")
-        if not self.verify:
-            check_input_path(self.local_path, f"{key}.local_path", "data")
-        check_url(self.url, f"{key}.url")
+        check_source(key, self.source, ("synthetic", "cifar10"), self.url, "local_path", self.local_path, self.verify)
         check(self.synthetic_train_per_class > 0, f"{key}.synthetic_train_per_class", "must be > 0")
         check(self.synthetic_test_per_class > 0, f"{key}.synthetic_test_per_class", "must be > 0")
 
