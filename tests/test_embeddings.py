@@ -80,11 +80,10 @@ def siglip():
 def test_siglip_encoder_regions_and_identity(tmp_path, siglip):
     rng = np.random.default_rng(0)
     scene = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    whole = np.asarray(Image.fromarray(scene).resize((32, 32), Image.BICUBIC))
     five = E.siglip_encoder(siglip, 5)([Image.fromarray(scene), scene])
     assert five.shape == (2, 5, 16)
     torch.testing.assert_close(five[0], five[1])
-    torch.testing.assert_close(five[0, 0], siglip.encode_images(whole[None])[0])
+    torch.testing.assert_close(five[0, 0], siglip.encode_images(scene[None])[0])  # resized by the model
     torch.testing.assert_close(five[0, 2], siglip.encode_images(scene[None, :32, 32:])[0])  # top right
     torch.testing.assert_close(five[0, 3], siglip.encode_images(scene[None, 32:, :32])[0])  # bottom left
     assert E.siglip_encoder(siglip, 1)([scene]).shape == (1, 1, 16)
@@ -114,3 +113,47 @@ def test_clip_encoder_pooled_output(tmp_path):
     assert ident["name"] == str(tmp_path / "clip") and len(ident["hash"]) == 16
     with pytest.raises(UserError, match="captioner.vision_encoder"):
         E.clip_encoder(str(tmp_path / "nope"), 1, torch.device("cpu"))
+
+
+def test_one_image_path_from_training_to_every_face(tmp_path, siglip, monkeypatch):
+    """The same picture (not the model's size, not square) through SigLIP's training forward, the feature
+    cache's encoder, the CLI's file reader, the demo's upload decoder and the MLflow pyfunc reaches the
+    image tower as the same tensor: each goes through ``SigLIP.preprocess`` and nothing resizes before it."""
+    import base64
+    import io
+    import types
+
+    import pandas as pd
+
+    from vlmpipe.face import images as face_images, serve
+    from vlmpipe.face.pyfunc_model import VlmpipeModel
+    from vlmpipe.models.siglip.model import SigLIP
+
+    rng = np.random.default_rng(3)
+    picture = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    png = tmp_path / "picture.png"
+    Image.fromarray(picture).save(png)
+    seen = []
+    real = SigLIP.preprocess
+
+    def spy(self, images):
+        out = real(self, images)
+        seen.append(out.detach().clone())
+        return out
+    monkeypatch.setattr(SigLIP, "preprocess", spy)
+
+    siglip.eval()(dict(images=torch.from_numpy(picture[None]), text_ids=torch.zeros(1, dtype=torch.long),
+                       **siglip.tokenize(["a photo of a circle"])))                       # training forward
+    E.siglip_encoder(siglip, 1)([picture])                                                # feature cache
+    E.siglip_encoder(siglip, 1)([face_images.read_image(png)])                            # CLI (`ask`, `caption`)
+    E.siglip_encoder(siglip, 1)([serve.decode_image(png.read_bytes())])                   # demo upload
+    siglip.save(tmp_path / "siglip")
+    pyfunc = VlmpipeModel()
+    pyfunc.load_context(types.SimpleNamespace(model_config={"kind": "siglip"},
+                                              artifacts={"model": str(tmp_path / "siglip")}))
+    monkeypatch.setattr(SigLIP, "preprocess", spy)  # the pyfunc loaded its own copy: same class
+    pyfunc.predict(None, pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]}))  # MLflow
+    assert len(seen) == 5
+    for other in seen[1:]:
+        assert torch.equal(seen[0], other)
+    assert seen[0].shape == (1, 3, siglip.image_size, siglip.image_size)

@@ -241,16 +241,11 @@ def region_crops(img, regions: int) -> list:
 
 
 def siglip_encoder(model, regions: int) -> Callable[[list], torch.Tensor]:
-    """images (PIL / uint8 HxWx3) -> [b, R, D] with a trained SigLIP image tower (eval mode)."""
-    from PIL import Image
-
-    s = model.image_size
-
+    """images (PIL / uint8 HxWx3) -> [b, R, D] with a trained SigLIP image tower (eval mode). Each crop is
+    resized by the model's own ``preprocess``, as its training batches were."""
     def fn(images: list) -> torch.Tensor:
-        crops = [c if c.size == (s, s) else c.resize((s, s), Image.BICUBIC)
-                 for img in images for c in region_crops(img, regions)]
-        emb = model.encode_images(np.stack([np.asarray(c, dtype=np.uint8) for c in crops]))
-        return emb.view(len(images), regions, -1)
+        crops = [c for img in images for c in region_crops(img, regions)]
+        return model.encode_images(crops).view(len(images), regions, -1)
     return fn
 
 

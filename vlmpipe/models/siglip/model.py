@@ -5,8 +5,9 @@
     model.save(dir); model = load_siglip(dir)              # safetensors + config.json + tokenizer/
     model.encode_images(uint8 NHWC) / model.encode_texts(list[str])  # L2-normalised, float32, CPU
 
-Images arrive as uint8 HxWx3 (numpy or tensor) and are preprocessed on the
-model's device: resized to ``image_size`` (bilinear, antialiased) and
+Images arrive as uint8 HxWx3 (numpy, tensor or PIL) and are preprocessed on the
+model's device by ``preprocess``, the one image path for training and inference: resized to
+``image_size`` (bilinear, antialiased) and
 normalised with the ImageNet mean/std (what torchvision's ImageNet weights
 expect; harmless for a randomly initialised tower).
 """
@@ -61,8 +62,20 @@ class SigLIP(nn.Module):
     # ---- inputs
 
     def preprocess(self, images) -> torch.Tensor:
-        """uint8 [N, H, W, 3] (numpy or tensor) -> normalised float [N, 3, S, S] on the model's device."""
-        x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images, dtype=np.uint8))  # a copy: may be read-only
+        """Images -> normalised float [N, 3, S, S] on the model's device. ``images``: uint8 [N, H, W, 3]
+        (numpy or tensor), or a list of uint8 H x W x 3 arrays or PIL images of any sizes. This is the one
+        image path of the model: training batches, the feature cache, evaluation and every inference face
+        come through it, so a picture is resized the same way wherever it is seen."""
+        s = self.image_size
+        if isinstance(images, (list, tuple)):
+            arrays = [np.asarray(im, dtype=np.uint8) for im in images]
+            if len({a.shape for a in arrays}) > 1:  # sizes differ: each image on its own
+                return torch.cat([self._pixels(torch.from_numpy(a[None].copy())) for a in arrays])
+            images = np.stack(arrays) if arrays else np.zeros((0, s, s, 3), np.uint8)
+        return self._pixels(images if torch.is_tensor(images) else torch.from_numpy(np.array(images, dtype=np.uint8)))
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> resized, normalised float [N, 3, S, S] on the model's device."""
         if x.dim() != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {tuple(x.shape)}")
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
@@ -118,7 +131,8 @@ class SigLIP(nn.Module):
 
     @torch.no_grad()
     def encode_images(self, images, batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised image embeddings [N, D] (float32, CPU). Call in eval mode (BatchNorm)."""
+        """L2-normalised image embeddings [N, D] (float32, CPU) of ``images`` as ``preprocess`` takes them.
+        Call in eval mode (BatchNorm)."""
         out = [self.image_tower(self.preprocess(images[i:i + batch_size])).float().cpu()
                for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.config["embed_dim"])
