@@ -22,6 +22,7 @@ the archive and the member.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import http.client
 import json
@@ -412,33 +413,25 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_byt
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
     written: list[Path] = []
     try:
+        # One loop for both kinds: each member as (name, is a folder, declared size, opener).
         if zipfile.is_zipfile(archive):
-            with open_zip(archive) as zf:
-                infos = zf.infolist()
-                check_size(sum(i.file_size for i in infos))
-                for info in infos:
-                    t = target(tmp, info.filename)
-                    if info.is_dir():
-                        t.mkdir(parents=True, exist_ok=True)
-                        continue
-                    t.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(t, "wb") as out:  # reads at most file_size, checks the CRC
-                        shutil.copyfileobj(src, out, CHUNK)
-                    written.append(t)
+            arc = open_zip(archive)
+            members = [(i.filename, i.is_dir(), i.file_size, functools.partial(arc.open, i)) for i in arc.infolist()]
         else:
-            with open_tar(archive) as tf:
-                members = tf.getmembers()
-                check_size(sum(m.size for m in members))
-                for m in members:
-                    t = target(tmp, m.name)
-                    if m.isdir():
-                        t.mkdir(parents=True, exist_ok=True)
-                        continue
-                    t.parent.mkdir(parents=True, exist_ok=True)
-                    src = tf.extractfile(m)
-                    with src, open(t, "wb") as out:
-                        shutil.copyfileobj(src, out, CHUNK)
-                    written.append(t)
+            arc = open_tar(archive)
+            members = [(m.name, m.isdir(), m.size, functools.partial(arc.extractfile, m)) for m in arc.getmembers()]
+        with arc:
+            check_size(sum(size for _, _, size, _ in members))
+            for name, is_dir, _, open_member in members:
+                t = target(tmp, name)
+                if is_dir:
+                    t.mkdir(parents=True, exist_ok=True)
+                    continue
+                t.parent.mkdir(parents=True, exist_ok=True)
+                # A zip member reads at most its declared size and checks its CRC.
+                with open_member() as src, open(t, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK)
+                written.append(t)
         # Everything extracted: move the top-level entries into place.
         for entry in sorted(tmp.iterdir()):
             final = root / entry.name
