@@ -53,7 +53,7 @@ class _Images:
         else:
             from PIL import Image
 
-            from vlmpipe.data.shapes import random_scene, scene_captions
+            from vlmpipe.sources.shapes import random_scene, scene_captions
 
             rng = np.random.default_rng(seed)
             scenes = [random_scene(rng, image_size) for _ in range(n)]

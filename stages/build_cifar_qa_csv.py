@@ -8,8 +8,9 @@ from pathlib import Path
 from vlmpipe.core.errors import stage_entry
 from vlmpipe.core.io import atomic_path, write_bytes
 from vlmpipe.core.stage import stage
-from vlmpipe.data import cifar, qa
-from vlmpipe.data.params import CifarParams, QaParams
+from vlmpipe.data.qa import read_qa_csv
+from vlmpipe.sources import cifar, qa
+from vlmpipe.sources.params import CifarParams, QaParams
 
 CIFAR_OUT, CSV_OUT = "data/cifar", "data/cifar_qa.csv"
 
@@ -20,7 +21,7 @@ def main() -> None:
         with atomic_path(CIFAR_OUT) as tmp:
             cifar.build(s.p.cifar, s.p.seed, tmp)
         if s.p.qa.csv_path:
-            qa.read_qa_csv(s.p.qa.csv_path, CIFAR_OUT)  # raises a one-line UserError on the first problem
+            read_qa_csv(s.p.qa.csv_path, CIFAR_OUT)  # raises a one-line UserError on the first problem
             write_bytes(CSV_OUT, Path(s.p.qa.csv_path).read_bytes())
         else:
             qa.write_qa_csv(CSV_OUT, CIFAR_OUT, s.p.seed, s.p.qa.questions_per_image)

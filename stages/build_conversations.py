@@ -5,8 +5,8 @@ record. Writes data/conversations/{train,val}.json, turn_types.json and summary.
 """
 from vlmpipe.core.errors import stage_entry
 from vlmpipe.core.stage import stage
-from vlmpipe.data import llava
-from vlmpipe.data.params import CocoParams, ConversationsParams
+from vlmpipe.sources import llava
+from vlmpipe.sources.params import CocoParams, ConversationsParams
 
 COCO, OUT = "data/coco", "data/conversations"
 

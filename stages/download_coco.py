@@ -7,8 +7,8 @@ data/coco/annotations/captions_{train,val}2017.json and data/coco/{train,val}201
 from vlmpipe.core.errors import stage_entry
 from vlmpipe.core.io import atomic_path
 from vlmpipe.core.stage import stage
-from vlmpipe.data import coco
-from vlmpipe.data.params import CocoParams
+from vlmpipe.sources import coco
+from vlmpipe.sources.params import CocoParams
 
 OUT = "data/coco"
 

@@ -134,7 +134,7 @@ def file_server_session():
 @pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory):
     """A generated CIFAR-format folder: 20 train and 5 test images per class (seed 0)."""
-    from vlmpipe.data import cifar
+    from vlmpipe.sources import cifar
 
     root = tmp_path_factory.mktemp("cifar")
     cifar.write_synthetic(root, train_per_class=20, test_per_class=5, seed=0)
@@ -144,7 +144,7 @@ def tiny_cifar(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qa_csv(tiny_cifar, tmp_path_factory):
     """A generated Q/A CSV for ``tiny_cifar`` (seed 7)."""
-    from vlmpipe.data import qa
+    from vlmpipe.sources import qa
 
     path = tmp_path_factory.mktemp("qa") / "cifar_qa.csv"
     qa.write_qa_csv(path, tiny_cifar, seed=7)
@@ -154,8 +154,8 @@ def qa_csv(tiny_cifar, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory):
     """A generated and ingested COCO folder: 12 train and 6 val scenes at 64 px (seed 0)."""
-    from vlmpipe.data import coco
-    from vlmpipe.data.params import CocoParams
+    from vlmpipe.sources import coco
+    from vlmpipe.sources.params import CocoParams
 
     root = tmp_path_factory.mktemp("coco") / "coco"
     coco.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64), 0, root)

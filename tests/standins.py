@@ -648,7 +648,7 @@ def coco2017_archives(out_dir: Path, n_train: int, n_val: int, *, seed: int = 0,
     in the real schema, and a stub ``annotations/instances_val2017.json``),
     ``train2017.zip`` and ``val2017.zip`` (a ``train2017/`` folder entry, then
     ``train2017/<12-digit id>.jpg``; sparse ids). Images are JPEGs of
-    ``vlmpipe.data.shapes`` scenes at ``image_size`` (width, height) -- or
+    ``vlmpipe.sources.shapes`` scenes at ``image_size`` (width, height) -- or
     portrait, or a shorter crop, like COCO's mixed sizes -- and about one in
     ten of each split (at least one) is greyscale. Captions are the scene's
     true captions, 5 per image (6 or 7 for about one in eight), styled like
@@ -657,7 +657,7 @@ def coco2017_archives(out_dir: Path, n_train: int, n_val: int, *, seed: int = 0,
     """
     from PIL import Image
 
-    from vlmpipe.data import shapes
+    from vlmpipe.sources import shapes
 
     if n_train < 1 or n_val < 1:
         raise ValueError("coco2017_archives: n_train and n_val must be >= 1")
@@ -898,7 +898,7 @@ def cifar10_tarball(out_dir: Path, train_per_class: int, test_per_class: int, *,
     ``numpy.core.multiarray._reconstruct`` -- holding
     ``vlmpipe.data.cifar.synthetic_split`` shape images under the real ten
     CIFAR-10 label names."""
-    from vlmpipe.data import cifar
+    from vlmpipe.sources import cifar
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

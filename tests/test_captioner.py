@@ -28,7 +28,7 @@ N_IMAGES = 16
 
 
 def _captions(n: int, seed: int = 0) -> list[list[str]]:
-    from vlmpipe.data.shapes import random_scene, scene_captions
+    from vlmpipe.sources.shapes import random_scene, scene_captions
 
     rng = np.random.default_rng(seed)
     return [scene_captions(random_scene(rng, 64), rng) for _ in range(n)]
@@ -173,13 +173,14 @@ def pipeline(tmp_path_factory):
     """Tiny COCO + an (untrained) SigLIP + its cached region features -> train_captioner."""
     from vlmpipe.data import features as embeddings
     from vlmpipe.data import coco
+    from vlmpipe.sources import coco as coco_source
     from vlmpipe.models.siglip.model import build_siglip
     from vlmpipe.captioner.params import CaptionerParams
-    from vlmpipe.data.params import CocoParams
+    from vlmpipe.sources.params import CocoParams
     from vlmpipe.siglip.params import SiglipParams
 
     root = tmp_path_factory.mktemp("pipeline")
-    coco.build(CocoParams(synthetic_train_images=24, synthetic_val_images=6, image_size=64), 0, root / "data/coco")
+    coco_source.build(CocoParams(synthetic_train_images=24, synthetic_val_images=6, image_size=64), 0, root / "data/coco")
     sp = SiglipParams(embed_dim=32, text_width=32, text_layers=1, text_vocab_size=512)
     torch.manual_seed(0)
     tower = build_siglip(sp, ["a red circle", "a blue square"]).eval()

@@ -7,10 +7,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from vlmpipe.data import llava, scene_dialogues, shapes
+from vlmpipe.data import llava
+from vlmpipe.sources import llava as llava_source
+from vlmpipe.sources import scene_dialogues
+from vlmpipe.sources import shapes
 from vlmpipe.data.coco import CocoCaptions
 from vlmpipe.core.errors import UserError
-from vlmpipe.data.params import ConversationsParams
+from vlmpipe.sources.params import ConversationsParams
 
 
 def _rec(rid="1", image="000000000001.jpg", turns=(("<image>\nWhat is it?", "a star"),)):
@@ -123,9 +126,9 @@ def test_followups_need_the_earlier_turn():
 
 def test_synthetic_build_is_deterministic_and_holds_out_val_images(tiny_coco, tmp_path):
     p = ConversationsParams()
-    a = llava.build(p, 0, tiny_coco, tmp_path / "a")
-    llava.build(p, 0, tiny_coco, tmp_path / "b")
-    for name in llava.FILES:
+    a = llava_source.build(p, 0, tiny_coco, tmp_path / "a")
+    llava_source.build(p, 0, tiny_coco, tmp_path / "b")
+    for name in llava_source.FILES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     val_ids, train_ids = set(CocoCaptions(tiny_coco, "val").ids), set(CocoCaptions(tiny_coco, "train").ids)
     val, _ = llava.load_split(tmp_path / "a", "val")
@@ -133,13 +136,13 @@ def test_synthetic_build_is_deterministic_and_holds_out_val_images(tiny_coco, tm
     assert {llava.image_id(r["image"]) for r in val} == val_ids
     assert {llava.image_id(r["image"]) for r in train} == train_ids
     assert a["train"] == 12 and a["val"] == 6 and set(types) == {r["id"] for r in train + val}
-    two = llava.build(replace(p, per_image=2), 0, tiny_coco, tmp_path / "c")
+    two = llava_source.build(replace(p, per_image=2), 0, tiny_coco, tmp_path / "c")
     assert two["train"] == 24
 
 
 def test_synthetic_refuses_a_coco_of_another_seed(tiny_coco, tmp_path):
     with pytest.raises(UserError, match=r"image \d+ is not the shapes-world scene of seed 3"):
-        llava.build(ConversationsParams(), 3, tiny_coco, tmp_path / "out")
+        llava_source.build(ConversationsParams(), 3, tiny_coco, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -161,7 +164,7 @@ def test_llava_file_is_joined_with_coco_and_absent_images_are_counted(tiny_coco,
     monkeypatch.chdir(tmp_path)
     _llava_file(tmp_path, tiny_coco, [_rec("x", "000000999999.jpg"), _rec("y", "cat.jpg")])
     p = ConversationsParams(path="inputs/data/mine.json", heldout_fraction=0.2)
-    s = llava.build(p, 0, tiny_coco, tmp_path / "out")
+    s = llava_source.build(p, 0, tiny_coco, tmp_path / "out")
     assert s["dropped"] == {f"image not in {tiny_coco}": 1, "image is not a COCO file name": 1}
     assert "the first: id 'x', image '000000999999.jpg'" in caplog.text
     # All 12 are train2017 images: a seeded fifth of them is held out, every conversation of each.
@@ -176,12 +179,12 @@ def test_llava_download_comes_from_the_url_param(tiny_coco, tmp_path, file_serve
     f = _llava_file(tmp_path, tiny_coco)
     file_server.files["/mirror/llava_instruct_150k.json"] = f.read_bytes()
     p = ConversationsParams(source="llava_instruct_150k", url=file_server.url("/mirror/llava_instruct_150k.json"))
-    s = llava.build(p, 0, tiny_coco, tmp_path / "out", download_dir=tmp_path / "dl")
+    s = llava_source.build(p, 0, tiny_coco, tmp_path / "out", download_dir=tmp_path / "dl")
     assert s["train"] + s["val"] == 12 and s["file"] == "llava_instruct_150k.json"
     assert (tmp_path / "dl" / "llava-instruct-150k" / "main" / "llava_instruct_150k.json").is_file()
     # Cached: a second build does not ask the server again.
     n = len(file_server.log)
-    llava.build(p, 0, tiny_coco, tmp_path / "out2", download_dir=tmp_path / "dl")
+    llava_source.build(p, 0, tiny_coco, tmp_path / "out2", download_dir=tmp_path / "dl")
     assert len(file_server.log) == n
 
 
@@ -191,7 +194,7 @@ def test_a_coco_without_the_conversations_images_is_one_line(tiny_coco, tmp_path
     f.parent.mkdir(parents=True)
     f.write_text(json.dumps([_rec("1", "000000999999.jpg")]))
     with pytest.raises(UserError, match=r"conversations: 0 training and 0 held-out conversations"):
-        llava.build(ConversationsParams(path="inputs/data/other.json"), 0, tiny_coco, tmp_path / "out")
+        llava_source.build(ConversationsParams(path="inputs/data/other.json"), 0, tiny_coco, tmp_path / "out")
 
 
 def test_params_refuse_synthetic_conversations_about_real_coco():

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlmpipe.data import cifar, coco, qa, shapes
+from vlmpipe.data import cifar, coco, qa
+from vlmpipe.sources import cifar as cifar_source, coco as coco_source, qa as qa_source, shapes
 from vlmpipe.core.errors import UserError
-from vlmpipe.data.params import CocoParams
+from vlmpipe.sources.params import CocoParams
 
-FACTS = json.loads((Path(qa.__file__).parent / "facts.json").read_text())
+FACTS = json.loads((Path(qa_source.__file__).parent / "facts.json").read_text())
 PALETTE = {n: np.array(c, dtype=float) for n, c in shapes.COLOURS.items()}
 
 
@@ -196,7 +197,7 @@ def test_cifar_official_ingest_from_loopback(tmp_path, tiny_cifar, file_server):
     file_server.files["/cifar-10-python.tar.gz"] = data
     file_server.drop_once.add("/cifar-10-python.tar.gz")
     root = tmp_path / "cifar"
-    cifar.ingest_official(root, tmp_path / "dl", url=file_server.url("/cifar-10-python.tar.gz"),
+    cifar_source.ingest_official(root, tmp_path / "dl", url=file_server.url("/cifar-10-python.tar.gz"),
                           md5=hashlib.md5(data).hexdigest(), size=len(data))
     got, want = cifar.load_split(root, "train"), cifar.load_split(tiny_cifar, "train")
     assert (got.images == want.images).all() and got.label_names == want.label_names
@@ -204,7 +205,7 @@ def test_cifar_official_ingest_from_loopback(tmp_path, tiny_cifar, file_server):
 
 
 def test_cifar_from_params_mirror_local_copy_and_their_mistakes(tmp_path, tiny_cifar, file_server):
-    from vlmpipe.data.params import CifarParams
+    from vlmpipe.sources.params import CifarParams
 
     tarball = tmp_path / "mine" / "cifar-10-python.tar.gz"
     tarball.parent.mkdir()
@@ -213,13 +214,13 @@ def test_cifar_from_params_mirror_local_copy_and_their_mistakes(tmp_path, tiny_c
     data = tarball.read_bytes()
     file_server.files["/m/cifar-10-python.tar.gz"] = data
     url = file_server.url("/m/cifar-10-python.tar.gz")
-    cifar.build(CifarParams(source="cifar10", url=url, verify=False), 0, tmp_path / "a", download_dir=tmp_path / "dl")
-    cifar.build(CifarParams(source="cifar10", local_path=str(tarball), verify=False), 0, tmp_path / "b")
+    cifar_source.build(CifarParams(source="cifar10", url=url, verify=False), 0, tmp_path / "a", download_dir=tmp_path / "dl")
+    cifar_source.build(CifarParams(source="cifar10", local_path=str(tarball), verify=False), 0, tmp_path / "b")
     assert len(file_server.log) == 1 and tarball.read_bytes() == data
     with pytest.raises(UserError, match=r"^cifar\.url: .*size mismatch \(expected 170498071 bytes"):
-        cifar.build(CifarParams(source="cifar10", url=url), 0, tmp_path / "c", download_dir=tmp_path / "dl2")
+        cifar_source.build(CifarParams(source="cifar10", url=url), 0, tmp_path / "c", download_dir=tmp_path / "dl2")
     with pytest.raises(UserError, match=re.escape(str(tarball)) + r": size mismatch .*cifar\.verify: false"):
-        cifar.build(CifarParams(source="cifar10", local_path=str(tarball)), 0, tmp_path / "d")
+        cifar_source.build(CifarParams(source="cifar10", local_path=str(tarball)), 0, tmp_path / "d")
     assert tarball.read_bytes() == data  # the user's file is never deleted
 
 
@@ -274,19 +275,19 @@ def test_coco_reader_survives_pickle_and_fork(tiny_coco):
 
 def test_coco_generation_is_deterministic_and_subset_reuses_the_same_images(tmp_path, tiny_coco):
     again = tmp_path / "again"
-    coco.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64), 0, again)
+    coco_source.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64), 0, again)
     for rel in ("train2017.zip", "val2017.zip", "annotations/captions_train2017.json"):
         assert (again / rel).read_bytes() == (tiny_coco / rel).read_bytes(), rel
 
     sub = tmp_path / "sub"
-    coco.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64, max_images=5), 0, sub)
+    coco_source.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64, max_images=5), 0, sub)
     full, part = coco.CocoCaptions(tiny_coco, "train"), coco.CocoCaptions(sub, "train")
     assert len(part) == 5 and set(part.ids) <= set(full.ids)
     for i in part.ids:
         assert part.captions(i) == full.captions(i)
         assert np.array_equal(np.asarray(part.image(i)), np.asarray(full.image(i)))
     sub2 = tmp_path / "sub2"
-    coco.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64, max_images=5), 0, sub2)
+    coco_source.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64, max_images=5), 0, sub2)
     assert (sub2 / "train2017.zip").read_bytes() == (sub / "train2017.zip").read_bytes()
 
 
@@ -313,13 +314,13 @@ def test_coco_corrupt_image_names_archive_and_member(tmp_path, tiny_coco):
 def test_coco_official_download_and_ingest_from_loopback(tmp_path, file_server):
     """The full-preset path: the three official files over HTTP, then a seeded subset."""
     src = tmp_path / "src"
-    coco.write_synthetic_source(src, 10, 4, 64, seed=3)
-    for name, (url, _, _) in coco.OFFICIAL.items():
+    coco_source.write_synthetic_source(src, 10, 4, 64, seed=3)
+    for name, (url, _, _) in coco_source.OFFICIAL.items():
         file_server.files[url.split("cocodataset.org", 1)[1]] = (src / name).read_bytes()
     file_server.drop_once.add("/zips/train2017.zip")
-    ddir = coco.download_official(tmp_path / "dl", base_url=file_server.url(""), verify=False)
+    ddir = coco_source.download_official(tmp_path / "dl", base_url=file_server.url(""), verify=False)
     out = tmp_path / "out"
-    counts = coco.ingest(ddir, out, max_images=3, seed=0)
+    counts = coco_source.ingest(ddir, out, max_images=3, seed=0)
     assert counts == {"train": 3, "val": 3}
     ds = coco.CocoCaptions(out, "train")
     assert len(ds) == 3 and ds.image(ds.ids[0]).size == (64, 64)
@@ -327,8 +328,8 @@ def test_coco_official_download_and_ingest_from_loopback(tmp_path, file_server):
 
 def _served_coco(file_server, tmp_path):
     src = tmp_path / "src"
-    coco.write_synthetic_source(src, 4, 2, 64, seed=3)
-    for name, (url, _, _) in coco.OFFICIAL.items():
+    coco_source.write_synthetic_source(src, 4, 2, 64, seed=3)
+    for name, (url, _, _) in coco_source.OFFICIAL.items():
         file_server.files["/mirror" + url.split("cocodataset.org", 1)[1]] = (src / name).read_bytes()
     return src
 
@@ -336,17 +337,17 @@ def _served_coco(file_server, tmp_path):
 def test_coco_from_params_mirror_local_copy_and_their_mistakes(tmp_path, file_server):
     """coco.url, coco.local_dir and coco.verify as a user sets them; every mistake is one line that
     names the param, and no file of the user's is touched."""
-    from vlmpipe.data.params import CocoParams
+    from vlmpipe.sources.params import CocoParams
 
     src = _served_coco(file_server, tmp_path)
     before = {f.name: f.read_bytes() for f in src.iterdir()}
     mirror = file_server.url("/mirror")
     # A mirror serving other bytes than the published archives, as said with verify: false.
-    assert coco.build(CocoParams(source="coco2017", url=mirror, verify=False), 0, tmp_path / "a",
+    assert coco_source.build(CocoParams(source="coco2017", url=mirror, verify=False), 0, tmp_path / "a",
                       download_dir=tmp_path / "dl") == {"train": 4, "val": 2}
     # A folder the user filled: used in place, nothing downloaded, nothing changed.
     n = len(file_server.log)
-    assert coco.build(CocoParams(source="coco2017", local_dir=str(src), verify=False), 0, tmp_path / "b") == \
+    assert coco_source.build(CocoParams(source="coco2017", local_dir=str(src), verify=False), 0, tmp_path / "b") == \
         {"train": 4, "val": 2}
     assert len(file_server.log) == n and {f.name: f.read_bytes() for f in src.iterdir()} == before
     cases = [
@@ -363,7 +364,7 @@ def test_coco_from_params_mirror_local_copy_and_their_mistakes(tmp_path, file_se
     ]
     for params, pattern in cases:
         with pytest.raises(UserError) as e:
-            coco.build(params, 0, tmp_path / "c", download_dir=tmp_path / "dl2")
+            coco_source.build(params, 0, tmp_path / "c", download_dir=tmp_path / "dl2")
         assert re.search(pattern, str(e.value)) and "\n" not in str(e.value), str(e.value)
     assert {f.name: f.read_bytes() for f in src.iterdir()} == before
     assert not (tmp_path / "dl2").exists() or not list((tmp_path / "dl2").rglob("*.zip"))
@@ -374,10 +375,10 @@ def test_coco_from_params_mirror_local_copy_and_their_mistakes(tmp_path, file_se
 
 def test_qa_csv_is_deterministic(qa_csv, tiny_cifar, tmp_path):
     again = tmp_path / "again.csv"
-    qa.write_qa_csv(again, tiny_cifar, seed=7)
+    qa_source.write_qa_csv(again, tiny_cifar, seed=7)
     assert again.read_bytes() == qa_csv.read_bytes()
     other = tmp_path / "other.csv"
-    qa.write_qa_csv(other, tiny_cifar, seed=8)
+    qa_source.write_qa_csv(other, tiny_cifar, seed=8)
     assert other.read_bytes() != qa_csv.read_bytes()
 
 
@@ -420,7 +421,7 @@ def test_every_answer_matches_its_ground_truth(qa_csv, tiny_cifar):
 def test_blind_baseline_is_beatable(tiny_cifar, tmp_path):
     from vlmpipe.scoring.metrics import BlindBaseline, vqa_accuracy
 
-    df = qa.write_qa_csv(tmp_path / "qa.csv", tiny_cifar, seed=0)
+    df = qa_source.write_qa_csv(tmp_path / "qa.csv", tiny_cifar, seed=0)
     baseline = BlindBaseline((q, a, t) for _, _, q, a, t in qa.qa_pairs(df[df.Split == "train"]))
     blind = vqa_accuracy([(baseline(q, t), a, t) for _, _, q, a, t in qa.qa_pairs(df[df.Split == "test"])])["accuracy"]
     assert blind < 0.5
@@ -443,8 +444,8 @@ def test_cifar10_facts_cover_every_class():
             assert sorted(spec["answers"]) == sorted(section["classes"]) and len(spec["questions"]) >= 2
     assert FACTS["shapes"]["classes"] == list(shapes.SHAPES)
     cifar10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    assert qa.facts_section(cifar10) == FACTS["cifar10"]
-    assert qa.facts_section(list(shapes.SHAPES)) == FACTS["shapes"]
+    assert qa_source.facts_section(cifar10) == FACTS["cifar10"]
+    assert qa_source.facts_section(list(shapes.SHAPES)) == FACTS["shapes"]
 
 
 # --- validation of user CSVs -----------------------------------------------------

@@ -48,7 +48,8 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedP
 
 
 def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
-    from vlmpipe.data import cifar, shapes
+    from vlmpipe.sources import cifar
+    from vlmpipe.sources import shapes
 
     repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
     _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
@@ -68,7 +69,8 @@ def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
 
 
 def test_valid_user_csv_is_copied(tmp_path):
-    from vlmpipe.data import cifar, shapes
+    from vlmpipe.sources import cifar
+    from vlmpipe.sources import shapes
 
     repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
     _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
@@ -112,7 +114,8 @@ def test_dvc_repro_of_the_data_stages_then_nothing_to_do(tmp_path):
 def test_editing_the_user_csv_reruns_the_stage(tmp_path):
     """qa.csv_path names a file under inputs/data, a DVC dependency: an edit is seen (it used to be
     ignored: 'didn't change, skipping', and training kept the stale copy)."""
-    from vlmpipe.data import cifar, shapes
+    from vlmpipe.sources import cifar
+    from vlmpipe.sources import shapes
 
     repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
     _, labels, _ = cifar.synthetic_split(0, "train", 3)

@@ -39,7 +39,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory, tiny_cifar, tiny_coco):
     """A working directory with data/cifar, data/cifar_qa.csv, data/coco and a tiny params.yaml."""
-    from vlmpipe.data import qa
+    from vlmpipe.sources import qa
 
     d = tmp_path_factory.mktemp("ddp")
     shutil.copytree(tiny_cifar, d / "data/cifar")

@@ -17,7 +17,7 @@ from PIL import Image
 
 import browser
 import servers
-from vlmpipe.data.shapes import SHAPES
+from vlmpipe.sources.shapes import SHAPES
 from vlmpipe.core.errors import UserError
 from vlmpipe.face.serve import MAX_PIXELS, decode_image
 

@@ -120,7 +120,6 @@ def test_one_image_path_from_training_to_every_face(tmp_path, siglip, monkeypatc
     cache's encoder, the CLI's file reader, the demo's upload decoder and the MLflow pyfunc reaches the
     image tower as the same tensor: each goes through ``SigLIP.preprocess`` and nothing resizes before it."""
     import base64
-    import io
     import types
 
     import pandas as pd

@@ -44,8 +44,8 @@ def _stage(repo: Path, check: bool = True):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_coco, tiny_cifar, qa_csv) -> dict:
     """The session's tiny COCO / CIFAR / Q/A CSV, and conversations built from that COCO."""
-    from vlmpipe.data import llava
-    from vlmpipe.data.params import ConversationsParams
+    from vlmpipe.sources import llava
+    from vlmpipe.sources.params import ConversationsParams
 
     conversations = tmp_path_factory.mktemp("conversations") / "conversations"
     llava.build(ConversationsParams(), 0, tiny_coco, conversations)

@@ -207,7 +207,7 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(all
         {"image_id": st.one_of(st.integers(0, 3), st.none()), "caption": st.one_of(ANY_TEXT, st.integers())}),
         max_size=4))}))
 def test_coco_caption_files_generated(tiny_coco, tmp_path_factory, captions):
-    from vlmpipe.data import coco
+    from vlmpipe.sources import coco
 
     src = tmp_path_factory.mktemp("src")
     for name in ("train2017.zip", "val2017.zip"):
@@ -223,7 +223,7 @@ def test_coco_caption_files_generated(tiny_coco, tmp_path_factory, captions):
 
 def test_empty_coco_split_is_refused_at_ingest(tiny_coco, tmp_path):
     """`"images": []` used to pass ingest and crash precompute_embeddings."""
-    from vlmpipe.data import coco
+    from vlmpipe.sources import coco
 
     src = tmp_path / "src"
     src.mkdir()

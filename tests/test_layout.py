@@ -21,6 +21,7 @@ MAY_IMPORT = {
     "loop": BASE | {"loop", "models"},
     "models": BASE | {"models"},
     "data": BASE | {"data", "models"},
+    "sources": BASE | {"sources", "data"},
     "scoring": BASE | {"scoring", "data", "models"},
     **{w: BASE | {w, "loop", "models", "data", "scoring"} for w in WINGS},
     "embeddings": BASE | {"embeddings", "models", "data"},

@@ -33,7 +33,8 @@ def _run_stage(name: str, cwd: Path, monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The train_siglip stage on 1500 generated shape images (150 per class), 8 epochs: ~30 s."""
-    from vlmpipe.data import cifar, qa
+    from vlmpipe.sources import qa
+    from vlmpipe.sources import cifar
 
     d = tmp_path_factory.mktemp("siglip")
     cifar.write_synthetic(d / "data/cifar", train_per_class=150, test_per_class=20, seed=0)

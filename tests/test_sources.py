@@ -122,7 +122,7 @@ def test_stage_script_fails_fast_offline_with_one_line(full_offline, tmp_path):
 def test_the_weights_table_is_torchvisions():
     """remote.py's URLs (read by the preflight without importing torchvision models) are the ones
     torchvision downloads for the pinned weights."""
-    from vlmpipe.core import remote
+    from vlmpipe.sources import remote
     from vlmpipe.models.siglip.image_tower import IMAGENET_WEIGHTS
 
     assert {k: w.url for k, w in IMAGENET_WEIGHTS.items()} == remote.IMAGENET_WEIGHTS

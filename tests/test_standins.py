@@ -68,7 +68,7 @@ def run_python(script: str, env: dict[str, str], *args: str, timeout: float = 60
 
 def sample_texts(n_scenes: int = 200, seed: int = 0) -> list[str]:
     """Captions of the shapes world plus question/answer lines: what the pipeline's LMs read."""
-    from vlmpipe.data import shapes
+    from vlmpipe.sources import shapes
 
     rng = np.random.default_rng(seed)
     texts = []
@@ -567,9 +567,10 @@ def test_coco_archives_pass_the_project_ingest_and_pycocotools(coco_src, tmp_pat
     from pycocotools.coco import COCO
 
     from vlmpipe.data import coco
+    from vlmpipe.sources import coco as coco_source
 
     src, _ = coco_src
-    assert coco.ingest(src, tmp_path / "coco", 0, 0) == {"train": 30, "val": 12}
+    assert coco_source.ingest(src, tmp_path / "coco", 0, 0) == {"train": 30, "val": 12}
     for split in ("train", "val"):
         ds = coco.CocoCaptions(tmp_path / "coco", split)
         assert len(ds) == {"train": 30, "val": 12}[split]
@@ -580,7 +581,7 @@ def test_coco_archives_pass_the_project_ingest_and_pycocotools(coco_src, tmp_pat
     api = COCO(str(tmp_path / "coco" / "annotations" / "captions_val2017.json"))
     assert len(api.getImgIds()) == 12 and len(api.getAnnIds()) >= 60
     # A seeded subset, as coco.max_images makes.
-    assert coco.ingest(src, tmp_path / "subset", 5, 0) == {"train": 5, "val": 5}
+    assert coco_source.ingest(src, tmp_path / "subset", 5, 0) == {"train": 5, "val": 5}
 
 
 def test_coco_archives_are_deterministic(coco_src, tmp_path):
@@ -654,12 +655,13 @@ def test_cifar10_batches_are_python2_pickles(cifar_tarball):
 
 def test_cifar10_tarball_passes_the_project_reader(cifar_tarball, tmp_path):
     from vlmpipe.data import cifar
+    from vlmpipe.sources import cifar as cifar_source
     from vlmpipe.core.download import safe_extract
 
     safe_extract(cifar_tarball, tmp_path)
     for split, per_class in (("train", 4), ("test", 2)):
         got = cifar.load_split(tmp_path, split)
-        images, labels, names = cifar.synthetic_split(0, split, per_class)
+        images, labels, names = cifar_source.synthetic_split(0, split, per_class)
         assert got.label_names == list(standins.CIFAR10_LABEL_NAMES)
         assert np.array_equal(got.images, images) and np.array_equal(got.labels, labels)
         assert got.filenames == names

@@ -3,7 +3,7 @@
 ``params.yaml`` has one section per stage plus top-level ``seed`` and ``lr``
 (the Phi-2 QLoRA learning rate, so ``dvc exp run -S lr=1e-4`` works). Each
 section is a dataclass defined where it is read (``vlmpipe/<wing>/params.py``,
-``vlmpipe/data/params.py``; the loop's ``TrainParams``, ``TinyLMParams`` and
+``vlmpipe/sources/params.py``; the loop's ``TrainParams``, ``TinyLMParams`` and
 ``LaunchParams`` here). A stage loads the sections it reads with
 ``load_params({"siglip": SiglipParams})``, checked before it does any work: an
 unknown key, a wrong type or an out-of-range value is a ``UserError`` whose one
@@ -163,7 +163,7 @@ class LaunchParams:
 
 # The top-level keys of params.yaml besides ``seed`` and ``lr``: one section per stage (or group of
 # stages), each defined by the part of vlmpipe that reads it (``vlmpipe/<wing>/params.py``,
-# ``vlmpipe/data/params.py``). A stage loads the sections it reads; every other known section is
+# ``vlmpipe/sources/params.py``). A stage loads the sections it reads; every other known section is
 # left unread here, so editing one wing's params class touches no other stage. The preflight loads
 # them all (``vlmpipe.ops.preflight.ALL_SECTIONS``), so a mistake anywhere stops the first stage.
 SECTIONS = ("coco", "cifar", "qa", "siglip", "embeddings", "phi2", "captioner", "conversations", "chat", "evaluate",

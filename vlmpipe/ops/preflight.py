@@ -26,10 +26,11 @@ import yaml
 
 from vlmpipe.captioner.params import CaptionerParams
 from vlmpipe.chat.params import ChatParams
-from vlmpipe.core import hub, remote
+from vlmpipe.core import hub
+from vlmpipe.sources import remote
 from vlmpipe.core.errors import UserError
 from vlmpipe.core.params import load_params
-from vlmpipe.data.params import CifarParams, CocoParams, ConversationsParams, QaParams
+from vlmpipe.sources.params import CifarParams, CocoParams, ConversationsParams, QaParams
 from vlmpipe.embeddings.params import EmbeddingsParams
 from vlmpipe.evaluate.params import EvaluateParams
 from vlmpipe.qa.params import Phi2Params

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmpipe.data import shapes
-from vlmpipe.data.coco import SPLITS, CocoCaptions
 from vlmpipe.core.errors import UserError
+from vlmpipe.data.coco import SPLITS, CocoCaptions
+from vlmpipe.data.llava import record
+from vlmpipe.sources import shapes
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,6 @@ def scenes(coco_root: str | Path, split: str, seed: int):
 
 def build(coco_root: str | Path, seed: int, per_image: int = 1) -> tuple[list[dict], dict[str, list[str]]]:
     """LLaVA-format records about every image of a synthetic ``data/coco``, and each one's turn types."""
-    from vlmpipe.data.llava import record
-
     records, types = [], {}
     for split in SPLITS:
         for iid, file_name, scene in scenes(coco_root, split, seed):

@@ -1,0 +1,213 @@
+"""COCO 2017 for download_coco: one ingest path for both sources.
+
+A *source folder* holds the three files under their official names:
+
+    annotations_trainval2017.zip   (annotations/captions_{train,val}2017.json)
+    train2017.zip                  (train2017/000000000123.jpg, ...)
+    val2017.zip
+
+For ``coco.source: coco2017`` they are downloaded (cached in the download folder, resumable) or
+taken from ``coco.local_dir``; for ``synthetic`` they are generated from the shapes world.
+``ingest`` then writes the output folder that ``vlmpipe.data.coco.CocoCaptions`` reads, keeping
+``coco.max_images`` images per split (a seeded subset).
+
+Synthetic images are JPEG (quality 95, no chroma subsampling): the real format, so the real
+decoder and file names are exercised, while 4:4:4 keeps the colour edges of small shapes crisp.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vlmpipe.core.download import default_download_dir, download, open_zip, verify_file
+from vlmpipe.core.errors import UserError
+from vlmpipe.data.coco import (MAX_IMAGE_BYTES, SPLITS, captions_member, check_member_size, image_member,
+                               load_captions_json)
+from vlmpipe.sources import remote, shapes
+
+log = logging.getLogger(__name__)
+
+
+ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
+OFFICIAL = remote.COCO_2017  # name -> (url, size in bytes, md5), as published
+# A fixed timestamp makes the zips we write byte-identical across runs.
+_ZIP_TIME = (2017, 1, 1, 0, 0, 0)
+_INFO = {
+    "description": "vlmpipe synthetic shapes world in COCO 2017 caption format",
+    "url": "",
+    "version": "1.0",
+    "year": 2017,
+    "contributor": "vlmpipe",
+    "date_created": "2017/09/01",
+}
+_LICENSES = [{"url": "https://creativecommons.org/publicdomain/zero/1.0/", "id": 1, "name": "CC0 1.0"}]
+
+
+def _zip_write(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+    info.compress_type = zipfile.ZIP_STORED  # JPEGs do not compress; stored members read fastest
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def write_synthetic_source(src: str | os.PathLike, n_train: int, n_val: int, image_size: int, seed: int) -> None:
+    """Generate the three official-format files of the shapes world into ``src``."""
+    src = Path(src)
+    src.mkdir(parents=True, exist_ok=True)
+    # Sparse, unique ids like the real ones, so nothing downstream can assume 0..N-1.
+    ids = np.random.default_rng([seed, 2017]).choice(np.arange(1, 600_000), size=n_train + n_val, replace=False)
+    split_ids = {"train": sorted(int(i) for i in ids[:n_train]), "val": sorted(int(i) for i in ids[n_train:])}
+    ann_id = 0
+    captions_json = {}
+    for split in SPLITS:
+        images, annotations = [], []
+        with zipfile.ZipFile(src / f"{split}2017.zip", "w") as zf:
+            for image_id in tqdm(split_ids[split], desc=f"coco {split}", mininterval=2.0, leave=False):
+                # One generator per image: any image can be regenerated alone.
+                rng = np.random.default_rng([seed, image_id])
+                scene = shapes.random_scene(rng, image_size)
+                file_name = f"{image_id:012d}.jpg"
+                buf = io.BytesIO()
+                Image.fromarray(scene.image).save(buf, format="JPEG", quality=95, subsampling=0)
+                _zip_write(zf, image_member(split, file_name), buf.getvalue())
+                images.append({
+                    "license": 1, "file_name": file_name, "coco_url": "", "height": image_size,
+                    "width": image_size, "date_captured": "2017-01-01 00:00:00", "flickr_url": "", "id": image_id,
+                })
+                for caption in shapes.scene_captions(scene, rng, 5):
+                    ann_id += 1
+                    annotations.append({"image_id": image_id, "id": ann_id, "caption": caption})
+        captions_json[split] = {"info": _INFO, "licenses": _LICENSES, "images": images, "annotations": annotations}
+    with zipfile.ZipFile(src / ANNOTATIONS_ZIP, "w", zipfile.ZIP_DEFLATED) as zf:
+        for split in SPLITS:
+            info = zipfile.ZipInfo(captions_member(split), date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, json.dumps(captions_json[split]))
+
+
+def download_official(download_dir: str | os.PathLike | None = None, base_url: str | None = None, verify: bool = True) -> Path:
+    """Fetch the three official archives into ``download_dir``; return it.
+
+    ``base_url`` replaces ``http://images.cocodataset.org`` (a mirror, or a
+    test server); ``verify=False`` skips the published size/md5 (for mirrors
+    serving other bytes).
+    """
+    ddir = Path(download_dir) if download_dir else default_download_dir() / "coco2017"
+    for name, (_, size, md5) in OFFICIAL.items():
+        download(remote.coco_url(name, base_url or ""), ddir / name, size=size if verify else None, md5=md5 if verify else None,
+                 key="coco.url" if base_url else "coco.source",
+                 hint=f"put {name} in {ddir}, set coco.local_dir to a folder holding the three archives, "
+                      "or coco.url to a mirror" + ("" if not verify else " (coco.verify: false if its bytes differ)"))
+    return ddir
+
+
+def local_source(local_dir: str | os.PathLike, verify: bool = True) -> Path:
+    """A folder the user filled with the three official archives: checked in place, never modified."""
+    d = Path(local_dir)
+    if not d.is_dir():
+        raise UserError(f"coco.local_dir: {d} is not a folder (it should hold {', '.join(OFFICIAL)})")
+    for name, (_, size, md5) in OFFICIAL.items():
+        verify_file(d / name, size=size if verify else None, md5=md5 if verify else None,
+                    hint="set coco.verify: false if this copy is meant to differ from the published archive"
+                    if verify else "coco.local_dir must hold the three official archives")
+    return d
+
+
+def source_folder(params, download_dir: str | os.PathLike | None = None) -> Path:
+    """Where the official archives of ``params`` (``CocoParams``) are: the user's copy or the download cache."""
+    if params.local_dir:
+        return local_source(params.local_dir, params.verify)
+    return download_official(download_dir, params.url or None, params.verify)
+
+
+def select_subset(ids: list[int], max_images: int, seed: int, split: str) -> list[int]:
+    """A seeded, sorted subset of ``max_images`` ids (all of them when 0 or more than there are)."""
+    ids = sorted(ids)
+    if max_images == 0 or max_images >= len(ids):
+        return ids
+    rng = np.random.default_rng([seed, SPLITS.index(split), 2017])
+    return sorted(ids[i] for i in rng.choice(len(ids), size=max_images, replace=False))
+
+
+def _copy_images(src_zip: Path, dst_zip: Path, members: list[str]) -> None:
+    with open_zip(src_zip) as zin:
+        files = {i.filename for i in zin.infolist() if not i.is_dir()}
+        missing = [m for m in members if m not in files]
+        if missing:
+            raise UserError(f"{src_zip}: missing member {missing[0]} ({len(missing)} images of the caption file are not in the archive)")
+        if files == set(members):
+            # Everything is kept: reuse the archive as is. A hard link costs nothing, and with the
+            # repository's DVC cache type (reflink,hardlink,copy) the cache links the same inode,
+            # so download folder, workspace and cache hold one copy. Across filesystems: a copy.
+            try:
+                os.link(src_zip, dst_zip)
+            except OSError as e:
+                log.warning("%s: cannot hard-link it into %s (%s); copying %.1f GB instead. Put the download "
+                            "folder (VLMPIPE_DOWNLOAD_DIR) on the repository's filesystem to keep one copy",
+                            src_zip, dst_zip.parent, e.strerror or e, src_zip.stat().st_size / 1e9)
+                shutil.copyfile(src_zip, dst_zip)
+            return
+        with zipfile.ZipFile(dst_zip, "w", allowZip64=True) as zout:
+            for name in tqdm(members, desc=dst_zip.name, mininterval=2.0, leave=False):
+                check_member_size(zin, src_zip, name, MAX_IMAGE_BYTES)
+                try:
+                    data = zin.read(name)  # checks the member's CRC
+                except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                    raise UserError(f"{src_zip}: member {name} is corrupt ({e})") from None
+                _zip_write(zout, name, data)
+
+
+def ingest(src: str | os.PathLike, out: str | os.PathLike, max_images: int, seed: int) -> dict[str, int]:
+    """Write the output folder from an official-format source folder; return images per split."""
+    src, out = Path(src), Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    counts = {}
+    ann_zip = src / ANNOTATIONS_ZIP
+    with open_zip(ann_zip) as zf:
+        captions = {split: load_captions_json(zf, ann_zip, captions_member(split)) for split in SPLITS}
+    for split in SPLITS:
+        data = captions[split]
+        by_image = defaultdict(list)
+        for a in data["annotations"]:
+            by_image[a["image_id"]].append(a)
+        images = {im["id"]: im for im in data["images"] if by_image.get(im["id"])}
+        if not images:
+            raise UserError(f"{ann_zip}: {captions_member(split)} has no image with a caption "
+                            f"({len(data['images'])} images, {len(data['annotations'])} captions)")
+        keep = select_subset(list(images), max_images, seed, split)
+        keep_set = set(keep)
+        subset = {
+            "info": data.get("info", {}),
+            "licenses": data.get("licenses", []),
+            "images": [images[i] for i in keep],
+            "annotations": sorted((a for a in data["annotations"] if a["image_id"] in keep_set), key=lambda a: (a["image_id"], a.get("id", 0))),
+        }
+        (out / captions_member(split)).write_text(json.dumps(subset), encoding="utf-8")
+        _copy_images(src / f"{split}2017.zip", out / f"{split}2017.zip",
+                     [image_member(split, images[i]["file_name"]) for i in keep])
+        counts[split] = len(keep)
+        log.info("coco %s: %d images, %d captions", split, len(keep), len(subset["annotations"]))
+    return counts
+
+
+def build(params, seed: int, out: str | os.PathLike, download_dir: str | os.PathLike | None = None) -> dict[str, int]:
+    """Produce the ``data/coco`` folder ``out`` from ``params`` (a ``CocoParams``)."""
+    out = Path(out)
+    if params.source == "synthetic":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".coco-src.", dir=out.parent) as tmp:
+            write_synthetic_source(tmp, params.synthetic_train_images, params.synthetic_val_images, params.image_size, seed)
+            return ingest(tmp, out, params.max_images, seed)
+    return ingest(source_folder(params, download_dir), out, params.max_images, seed)
