@@ -13,7 +13,7 @@ import yaml
 import servers
 from vlmpipe.core.errors import UserError
 from vlmpipe.ops.preflight import load_all as load_params
-from vlmpipe.ops.preflight import preflight, stages_to_check
+from vlmpipe.ops.preflight import NEEDS, preflight, stage_needs, stages_to_check
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -85,6 +85,22 @@ def test_offline_first_stage_names_everything_missing_in_one_line(full_offline):
         assert what in msg, what
     assert "HF_HUB_OFFLINE=1" in msg and "hf download microsoft/phi-2 --revision" in msg
     assert "resnet50" not in msg  # pre-placed: nothing to fetch
+
+
+def test_the_needs_table_names_stages_of_the_dag():
+    """A stage renamed or split in dvc.yaml (as `evaluate` once was) must not leave its needs unchecked."""
+    assert set(NEEDS) <= set(ALL), set(NEEDS) - set(ALL)
+
+
+def test_each_stage_that_loads_a_hub_model_is_checked_for_it(full_offline):
+    p, _ = full_offline
+    keys = {stage: {n.key for n in stage_needs(stage, p)} for stage in ALL}
+    assert keys["train_phi2_qlora"] == keys["evaluate_qa"] == {"phi2.base_model"}
+    assert keys["train_gpt2_captioner"] == {"captioner.lm"}
+    assert keys["precompute_embeddings"] == {"captioner.vision_encoder"}
+    assert keys["evaluate_captioner"] == ({"captioner.lm"} if p.captioner.freeze_lm else set())
+    p.captioner.freeze_lm = True
+    assert {n.key for n in stage_needs("evaluate_captioner", p)} == {"captioner.lm"}
 
 
 def test_what_is_on_disk_passes(full_offline, tmp_path):

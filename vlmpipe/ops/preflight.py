@@ -93,58 +93,97 @@ def _is_hub(name: str) -> bool:
     return name not in ("tiny", "small", "siglip") and not hub.is_local(name)
 
 
-def stage_needs(stage: str, p) -> list[Need]:
-    """The network things ``stage`` fetches under params ``p`` (a ``Params``)."""
+def _coco_needs(p) -> list[Need]:
     from vlmpipe.core.download import default_download_dir
 
-    out: list[Need] = []
-    if stage == "download_coco" and p.coco.source == "coco2017":
-        ddir = default_download_dir() / "coco2017"
-        for name in remote.COCO_2017:
-            if p.coco.local_dir:
-                f = Path(p.coco.local_dir) / name
-                out.append(Need("coco.local_dir", str(f), f.is_file, lambda f=f: f"{f} does not exist"))
-            else:
-                out.append(_url_need("coco.url" if p.coco.url else "coco.source", name, ddir / name,
-                                     remote.coco_url(name, p.coco.url),
-                                     f"put {name} in {ddir}, or set coco.local_dir to a folder holding the "
-                                     "three archives, or coco.url to a mirror"))
-    if stage == "build_cifar_qa_csv" and p.cifar.source == "cifar10":
-        if p.cifar.local_path:
-            f = Path(p.cifar.local_path)
-            out.append(Need("cifar.local_path", str(f), f.is_file, lambda: f"{f} does not exist"))
+    if p.coco.source != "coco2017":
+        return []
+    out, ddir = [], default_download_dir() / "coco2017"
+    for name in remote.COCO_2017:
+        if p.coco.local_dir:
+            f = Path(p.coco.local_dir) / name
+            out.append(Need("coco.local_dir", str(f), f.is_file, lambda f=f: f"{f} does not exist"))
         else:
-            dest = default_download_dir() / "cifar-10-python.tar.gz"
-            out.append(_url_need("cifar.url" if p.cifar.url else "cifar.source", dest.name, dest,
-                                 p.cifar.url or remote.CIFAR_10[0],
-                                 f"put {dest.name} in {dest.parent}, or set cifar.local_path to a copy of it, "
-                                 "or cifar.url to a mirror"))
-    c = p.conversations
-    if stage == "build_conversations" and c.source == "llava_instruct_150k" and not c.path:
-        dest = default_download_dir() / "llava-instruct-150k" / c.revision / remote.LLAVA_FILE
-        out.append(_url_need("conversations.url" if c.url else "conversations.source", remote.LLAVA_FILE, dest,
-                             c.url or remote.llava_url(c.revision),
-                             f"put {remote.LLAVA_FILE} in {dest.parent}, or set conversations.path to a copy "
-                             "under inputs/data/, or conversations.url to a mirror"))
-    if stage == "train_siglip":
-        if p.siglip.pretrained and p.siglip.backbone in remote.IMAGENET_WEIGHTS:
-            import torch
-
-            url = remote.IMAGENET_WEIGHTS[p.siglip.backbone]
-            f = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name  # where torchvision caches it
-            out.append(_url_need("siglip.pretrained", f.name, f, url,
-                                 f"put {f.name} in {f.parent} (or set TORCH_HOME), or set siglip.pretrained: false"))
-        if _is_hub(p.siglip.text_encoder):
-            out.append(_hub_need("siglip.text_encoder", p.siglip.text_encoder, p.siglip.text_encoder_revision))
-    if stage == "precompute_embeddings" and _is_hub(p.captioner.vision_encoder):
-        out.append(_hub_need("captioner.vision_encoder", p.captioner.vision_encoder,
-                             p.captioner.vision_encoder_revision))
-    if stage in ("train_phi2_qlora", "evaluate") and _is_hub(p.phi2.base_model):
-        out.append(_hub_need("phi2.base_model", p.phi2.base_model, p.phi2.revision))
-    if stage == "train_gpt2_captioner" or (stage == "evaluate" and p.captioner.freeze_lm):
-        if _is_hub(p.captioner.lm):
-            out.append(_hub_need("captioner.lm", p.captioner.lm, p.captioner.lm_revision))
+            out.append(_url_need("coco.url" if p.coco.url else "coco.source", name, ddir / name,
+                                 remote.coco_url(name, p.coco.url),
+                                 f"put {name} in {ddir}, or set coco.local_dir to a folder holding the "
+                                 "three archives, or coco.url to a mirror"))
     return out
+
+
+def _cifar_needs(p) -> list[Need]:
+    from vlmpipe.core.download import default_download_dir
+
+    if p.cifar.source != "cifar10":
+        return []
+    if p.cifar.local_path:
+        f = Path(p.cifar.local_path)
+        return [Need("cifar.local_path", str(f), f.is_file, lambda: f"{f} does not exist")]
+    dest = default_download_dir() / "cifar-10-python.tar.gz"
+    return [_url_need("cifar.url" if p.cifar.url else "cifar.source", dest.name, dest,
+                      p.cifar.url or remote.CIFAR_10[0],
+                      f"put {dest.name} in {dest.parent}, or set cifar.local_path to a copy of it, "
+                      "or cifar.url to a mirror")]
+
+
+def _conversations_needs(p) -> list[Need]:
+    from vlmpipe.core.download import default_download_dir
+
+    c = p.conversations
+    if c.source != "llava_instruct_150k" or c.path:
+        return []
+    dest = default_download_dir() / "llava-instruct-150k" / c.revision / remote.LLAVA_FILE
+    return [_url_need("conversations.url" if c.url else "conversations.source", remote.LLAVA_FILE, dest,
+                      c.url or remote.llava_url(c.revision),
+                      f"put {remote.LLAVA_FILE} in {dest.parent}, or set conversations.path to a copy "
+                      "under inputs/data/, or conversations.url to a mirror")]
+
+
+def _siglip_needs(p) -> list[Need]:
+    out = []
+    if p.siglip.pretrained and p.siglip.backbone in remote.IMAGENET_WEIGHTS:
+        import torch
+
+        url = remote.IMAGENET_WEIGHTS[p.siglip.backbone]
+        f = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name  # where torchvision caches it
+        out.append(_url_need("siglip.pretrained", f.name, f, url,
+                             f"put {f.name} in {f.parent} (or set TORCH_HOME), or set siglip.pretrained: false"))
+    return out + _hub_needs(("siglip.text_encoder", p.siglip.text_encoder, p.siglip.text_encoder_revision))
+
+
+def _hub_needs(*models: tuple[str, str, str]) -> list[Need]:
+    """(key, name, revision) of each model a stage loads: a need where the name is a hub id."""
+    return [_hub_need(key, name, revision) for key, name, revision in models if _is_hub(name)]
+
+
+def _phi2(p) -> tuple[str, str, str]:
+    return "phi2.base_model", p.phi2.base_model, p.phi2.revision
+
+
+def _captioner_lm(p) -> tuple[str, str, str]:
+    return "captioner.lm", p.captioner.lm, p.captioner.lm_revision
+
+
+# What each stage fetches under the params: the stages of dvc.yaml that load something from the network
+# (tests/test_params.py holds the names to dvc.yaml). A frozen captioner LM is not saved with the
+# captioner, so its evaluation loads it again; the QA model keeps only its adapter.
+NEEDS: dict[str, Callable[..., list[Need]]] = {
+    "download_coco": _coco_needs,
+    "build_cifar_qa_csv": _cifar_needs,
+    "build_conversations": _conversations_needs,
+    "train_siglip": _siglip_needs,
+    "precompute_embeddings": lambda p: _hub_needs(("captioner.vision_encoder", p.captioner.vision_encoder,
+                                                   p.captioner.vision_encoder_revision)),
+    "train_phi2_qlora": lambda p: _hub_needs(_phi2(p)),
+    "evaluate_qa": lambda p: _hub_needs(_phi2(p)),
+    "train_gpt2_captioner": lambda p: _hub_needs(_captioner_lm(p)),
+    "evaluate_captioner": lambda p: _hub_needs(_captioner_lm(p)) if p.captioner.freeze_lm else [],
+}
+
+
+def stage_needs(stage: str, p) -> list[Need]:
+    """The network things ``stage`` fetches under params ``p`` (a ``Params``)."""
+    return NEEDS[stage](p) if stage in NEEDS else []
 
 
 def _dag(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
