@@ -18,6 +18,7 @@ from vlmpipe.core.errors import UserError
 from vlmpipe.models import captioner as CAP
 from vlmpipe.models.chat_model import ChatModel, load_chat_model
 from vlmpipe.core.params import TinyLMParams, TrainParams
+from vlmpipe.scoring.heldout import predict_turns
 from vlmpipe.loop import tiny_base
 
 FEAT_DIM, REGIONS, N = 16, 5, 24
@@ -127,10 +128,10 @@ def test_starts_as_the_captioner_and_sizes_its_window(captioner_dir):
 def test_learns_to_answer_from_the_image_and_the_earlier_turn(trained):
     model, data, facts, _ = trained
     turns = [(i, 1) for i in range(N)]
-    with_history = heldout.chat_answers(model, data, turns)
+    with_history = predict_turns(model, data, turns)
     assert sum(r == facts[i][SHAPES[i % 2]] for (i, _), r in zip(turns, with_history)) >= 0.9 * N, with_history
     # The same question with the earlier turn removed cannot know which shape "it" is.
-    alone = heldout.chat_answers(model, data, turns, history=False)
+    alone = predict_turns(model, data, turns, history=False)
     assert alone != with_history
     scores = heldout.chat_scores(model, data, turns)
     assert scores["exact_match"] >= 0.9 and 0 < scores["val_loss"] < 1.0
@@ -140,7 +141,7 @@ def test_save_load_gives_the_same_replies(trained):
     model, data, _, path = trained
     again = load_chat_model(path)
     turns = [(i, j) for i in range(6) for j in range(2)]
-    assert heldout.chat_answers(again, data, turns) == heldout.chat_answers(model, data, turns)
+    assert predict_turns(again, data, turns) == predict_turns(model, data, turns)
     with pytest.raises(UserError, match=r"a captioner model, not a chat model"):
         load_chat_model(_captioner_of(path))
 

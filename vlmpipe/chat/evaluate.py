@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vlmpipe.chat.heldout import chat_answers, chat_scores
+from vlmpipe.chat.heldout import chat_scores
+from vlmpipe.scoring.heldout import predict_turns
 from vlmpipe.data import llava
 from vlmpipe.data.chat import ChatDataset, coco_caches, load_conversations
 from vlmpipe.models.chat_model import load_chat_model
@@ -31,7 +32,7 @@ def evaluate_chat(model_dir, conversations_root, embeddings_root, limit: int = 0
     n = first(len(convs), limit)
     data = ChatDataset(model.tokenizer, feats, rows[:n], convs[:n], model.window)
     turns = [(i, j) for i in range(n) for j in range(len(convs[i]))]
-    replies = chat_answers(model, data, turns)
+    replies = predict_turns(model, data, turns)
     truth = [(convs[i][j][0], convs[i][j][1], types[i][j]) for i, j in turns]
     metrics = vqa_accuracy([(p, a, t) for p, (_, a, t) in zip(replies, truth)])
     train_records, train_types = llava.load_split(conversations_root, "train")
@@ -45,7 +46,7 @@ def evaluate_chat(model_dir, conversations_root, embeddings_root, limit: int = 0
            "by_type": metrics["by_type"], "blind_by_type": blind_acc["by_type"],
            "nll_per_token": chat_scores(model, data)["val_loss"]}
     if follow:  # the same follow-up questions asked with the conversation before them removed
-        alone = chat_answers(model, data, [turns[k] for k in follow], history=False)
+        alone = predict_turns(model, data, [turns[k] for k in follow], history=False)
         out["followup_no_history"] = vqa_accuracy([(p, truth[k][1], "followup") for p, k in zip(alone, follow)])["accuracy"]
     examples = [(llava.image_id(r["image"]), []) for r in records[:n]]
     for (i, _), reply, (q, a, t) in zip(turns, replies, truth):

@@ -6,20 +6,7 @@ from typing import Sequence
 
 import torch
 
-from vlmpipe.scoring.heldout import exact_match, teacher_forced_totals
-
-
-def chat_answers(model, data, turns: Sequence[tuple[int, int]], history: bool = True,
-                 batch_size: int = 64) -> list[str]:
-    """Greedy replies to turn ``j`` of conversation ``i`` of a ``ChatDataset`` for each (i, j): after the
-    true earlier turns (``history``), or with them removed (what the reply owes to the conversation)."""
-    out: list[str] = []
-    for s in range(0, len(turns), batch_size):
-        chunk = turns[s:s + batch_size]
-        feats = torch.stack([torch.as_tensor(data.feats[data.image_rows[i]]) for i, _ in chunk])
-        out += model.answer(feats, [data.conversations[i][j][0] for i, j in chunk],
-                            [data.conversations[i][:j] if history else [] for i, j in chunk])
-    return out
+from vlmpipe.scoring.heldout import exact_match, predict_turns, teacher_forced_totals
 
 
 @torch.no_grad()
@@ -28,6 +15,6 @@ def chat_scores(model, data, turns: Sequence[tuple[int, int]] = (), batch_size: 
     ``exact_match`` of the greedy replies (normalised) with the true history."""
     out = {"val_loss": teacher_forced_totals(model, data, batch_size)["val_loss"]}
     if turns:
-        out["exact_match"] = exact_match(chat_answers(model, data, turns, batch_size=batch_size),
+        out["exact_match"] = exact_match(predict_turns(model, data, turns, batch_size),
                                          [data.conversations[i][j][1] for i, j in turns])
     return out

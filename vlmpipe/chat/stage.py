@@ -7,7 +7,8 @@ from typing import Any
 
 from vlmpipe.data import features as embeddings
 from vlmpipe.data.chat import ChatDataset, coco_caches, load_conversations
-from vlmpipe.chat.heldout import chat_answers, chat_scores
+from vlmpipe.chat.heldout import chat_scores
+from vlmpipe.scoring.heldout import predict_turns
 from vlmpipe.scoring.heldout import eval_questions
 from vlmpipe.models.captioner import load_captioner
 from vlmpipe.models.chat_model import ChatModel
@@ -26,7 +27,7 @@ def chat_evaluator(val: ChatDataset, turns: list[tuple[int, int]], show: int = 2
         metrics = chat_scores(model, val, turns)
         if show:
             sample = turns[:show]
-            for (i, j), reply in zip(sample, chat_answers(model, val, sample)):
+            for (i, j), reply in zip(sample, predict_turns(model, val, sample)):
                 log.info("epoch %d: %r -> %r (truth %r)", epoch, val.conversations[i][j][0], reply,
                          val.conversations[i][j][1])
         return metrics

@@ -64,6 +64,10 @@ class ChatDataset(torch.utils.data.Dataset):
             log.info("%d of %d conversations are longer than %d tokens: cut into %d windows at turn boundaries",
                      split, len(conversations), max_tokens, len(self.items))
 
+    def image_row(self, conv: int) -> int:
+        """The row of ``feats`` that conversation ``conv`` is about."""
+        return self.image_rows[conv]
+
     def __len__(self) -> int:
         return len(self.items)
 

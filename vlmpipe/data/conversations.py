@@ -65,6 +65,10 @@ class QADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.encoded)
 
+    def image_row(self, conv: int) -> int:
+        """The row of ``feats`` that conversation ``conv`` is about: its own."""
+        return conv
+
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.encoded[i]
         return {"feats": self.feats[i], "input_ids": ids, "labels": labels}

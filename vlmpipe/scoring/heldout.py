@@ -44,15 +44,17 @@ def teacher_forced(model, batch) -> dict[str, float]:
             "answers": int(n_ans.sum()), "answers_right": answers_right}
 
 
-def predict_turns(model, data, questions: Sequence[tuple[int, int]],
-                  batch_size: int = 64) -> list[str]:
-    """Greedy answers to turn ``j`` of conversation ``i`` for each (i, j), the true turns before it as history."""
+def predict_turns(model, data, questions: Sequence[tuple[int, int]], batch_size: int = 64,
+                  history: bool = True) -> list[str]:
+    """Greedy answers to turn ``j`` of conversation ``i`` of ``data`` (a ``QADataset`` or ``ChatDataset``)
+    for each (i, j): after the true earlier turns (``history``), or with them removed (what an answer
+    owes to the conversation)."""
     preds: list[str] = []
     for s in range(0, len(questions), batch_size):
         chunk = questions[s:s + batch_size]
-        feats = torch.stack([torch.as_tensor(data.feats[i]) for i, _ in chunk])
+        feats = torch.stack([torch.as_tensor(data.feats[data.image_row(i)]) for i, _ in chunk])
         preds += model.answer(feats, [data.conversations[i][j][0] for i, j in chunk],
-                              [data.conversations[i][:j] for i, j in chunk])
+                              [data.conversations[i][:j] if history else [] for i, j in chunk])
     return preds
 
 
