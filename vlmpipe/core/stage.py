@@ -52,10 +52,8 @@ class Stage:
         return self.rank == 0
 
     def register(self, kind: str, model_dir: str | Path) -> None:
-        """On rank 0: the model's config as a run artifact, and the model as a new registered version."""
+        """On rank 0: the model as a new registered version (``vlmpipe.ops.registry.log_model``)."""
         if self.main:
-            config = Path(model_dir) / ("config.json" if kind == "siglip" else "model.json")
-            self.run.log_artifact(config)
             registry.log_model(self.run, kind, model_dir)
 
     def write_evaluation(self, out: str | Path, metrics: dict, examples: list) -> None:

@@ -46,6 +46,8 @@ from vlmpipe.ops.tracking import Run, one_line_error
 log = logging.getLogger(__name__)
 
 KINDS = ("siglip", "captioner", "qa", "chat")
+# The file in a model's folder that says what it is, logged as a run artifact of its own.
+CONFIG_FILE = {"siglip": "config.json", "captioner": "model.json", "qa": "model.json", "chat": "model.json"}
 PACKAGE = Path(__file__).resolve().parents[1]
 PYFUNC_CODE = PACKAGE / "face" / "pyfunc_model.py"
 # What loading and running the models imports (vlmpipe itself travels as code).
@@ -65,7 +67,8 @@ def registered_name(kind: str) -> str:
 
 
 def log_model(run: Run, kind: str, model_dir: str | Path):
-    """Log ``model_dir`` as an MLflow model of ``kind`` and register it as ``vlmpipe-<kind>``.
+    """Log the model's config file and ``model_dir`` as an MLflow model of ``kind``, registered as
+    ``vlmpipe-<kind>``.
 
     Returns the new ``ModelVersion``, or None when the run is not tracked or registering failed.
     A failure costs one warning and never raises: a store that no longer answers turns tracking
@@ -101,6 +104,7 @@ def _log_and_register(run: Run, kind: str, model_dir: Path):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tags = {k: v for k, v in client.get_run(run.run_id).data.tags.items() if k in RUN_TAGS}
     tags["model_dir"] = model_dir.as_posix()
+    client.log_artifact(run.run_id, str(model_dir / CONFIG_FILE[kind]))
     name = registered_name(kind)
     logged = client.create_logged_model(run.experiment_id, name=kind, source_run_id=run.run_id, tags=tags)
     try:
