@@ -31,8 +31,3 @@ def build(p, *, seed: int, csv_path: Path, cifar_root: Path, out_dir: Path) -> N
             texts = [QA.text(c, EOS)[: -len(EOS)] for c in convs]  # the warm-up appends EOS
             tiny_base.build("phi", p.tiny, texts, Path(tmp) / "lm", seed, device=p.train.device)
         write_json(Path(tmp) / RECORD, {"base_model": p.base_model, "revision": p.revision})
-
-
-def base_of(p, base_dir: Path) -> str | Path:
-    """What the QA stage builds on: the prepared folder for ``base_model: tiny``, else the hub id or folder."""
-    return Path(base_dir) / "lm" if p.base_model == "tiny" else p.base_model

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from vlmpipe.core.params import TinyLMParams, TrainParams, check, check_input_path, check_revision, looks_local
@@ -37,6 +38,11 @@ class Phi2Params:
     train: TrainParams = field(default_factory=lambda: TrainParams(epochs=2, batch_size=32, lr=1e-3, weight_decay=0.0,
                                                                    warmup_ratio=0.05, grad_clip=0.5,
                                                                    checkpoint_every=100))
+
+    def base(self, base_dir: Path) -> str | Path:
+        """What the QA model builds on: prepare_qa_base's folder ``base_dir`` holds the tiny base for
+        ``base_model: tiny``; otherwise the hub id or folder named here."""
+        return Path(base_dir) / "lm" if self.base_model == "tiny" else self.base_model
 
     def validate(self, key: str) -> None:
         check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")

@@ -13,7 +13,6 @@ from vlmpipe.data.conversations import QADataset, frame_conversations
 from vlmpipe.data.qa import read_qa_csv
 from vlmpipe.core.errors import UserError
 from vlmpipe.scoring.metrics import normalize_answer, vqa_accuracy
-from vlmpipe.qa.base import base_of
 from vlmpipe.qa.heldout import blind_baseline, qa_scores
 from vlmpipe.scoring.heldout import eval_questions, predict_turns
 from vlmpipe.core.io import relative_path, read_json, write_json
@@ -43,7 +42,7 @@ def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, 
     encoder = {**embeddings.siglip_identity(siglip_dir), "path": relative_path(siglip_dir, out_dir)}
     tr_feats = embeddings.features_for(embeddings_root, "cifar", "train", tr_idx, encoder, csv_path)
     te_feats = embeddings.features_for(embeddings_root, "cifar", "test", te_idx, encoder, csv_path)
-    model = build_qa_model(p, base_of(p, base_dir), device, encoder=encoder, feature_dim=int(tr_feats.shape[-1]),
+    model = build_qa_model(p, p.base(base_dir), device, encoder=encoder, feature_dim=int(tr_feats.shape[-1]),
                            regions=int(tr_feats.shape[1]), seed=seed)
     train = QADataset(model.tokenizer, tr_feats, tr_convs, p.max_seq_len)
     val = QADataset(model.tokenizer, te_feats, te_convs, p.max_seq_len)
