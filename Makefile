@@ -29,7 +29,7 @@ repro: $(STAMP)
 	dvc repro
 
 test: $(STAMP) browser
-	python -m pytest -q --durations=12 tests
+	python -m pytest -q -n 2 --dist loadgroup --durations=12 tests
 
 # The demo's browser test drives Debian's chromium through its matching chromedriver. Installed
 # with apt when missing (as root, or through sudo); where that cannot be done the test is skipped

@@ -34,10 +34,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+pytestmark = pytest.mark.slow  # torchrun and the stage scripts as subprocesses
 
 
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory, tiny_cifar, tiny_coco):
+def ddp_workdir(tmp_path_factory, tiny_cifar, tiny_coco):
     """A working directory with data/cifar, data/cifar_qa.csv, data/coco and a tiny params.yaml."""
     from vlmpipe.sources import qa
 
@@ -70,10 +71,10 @@ def _curve(d: Path) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
-def test_two_ranks_match_one_process_and_shard_embeddings(tiny_repo, tmp_path):
+def test_two_ranks_match_one_process_and_shard_embeddings(ddp_workdir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
-        shutil.copytree(tiny_repo, d)
+        shutil.copytree(ddp_workdir, d)
     _run(one, "train_siglip.py", 1)
     _run(two, "train_siglip.py", 2)
 
@@ -102,7 +103,7 @@ def test_two_ranks_match_one_process_and_shard_embeddings(tiny_repo, tmp_path):
     assert coco.embeddings.shape[1:] == (5, 64)
 
 
-def test_two_machines_train_what_one_process_trains(tiny_repo, tmp_path):
+def test_two_machines_train_what_one_process_trains(ddp_workdir, tmp_path):
     """`launch.nnodes: 2`: two launchers with --node, as on two machines, meet at a c10d rendezvous on
     loopback (1 process each) and train train_siglip with the global batch of one process. Same bound
     as above, for the same reasons: the mathematics is one process's; float noise grows with steps."""
@@ -110,7 +111,7 @@ def test_two_machines_train_what_one_process_trains(tiny_repo, tmp_path):
 
     one, two = tmp_path / "one", tmp_path / "nodes"
     for d in (one, two):
-        shutil.copytree(tiny_repo, d)
+        shutil.copytree(ddp_workdir, d)
     port = servers.free_port()
     params = yaml.safe_load((two / "params.yaml").read_text())
     params["launch"].update(nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_timeout=120)

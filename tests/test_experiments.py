@@ -1,15 +1,17 @@
-"""`dvc exp run -S lr=1e-4` on the tiny preset: it completes, `dvc exp show` /
-`dvc params diff` / `dvc metrics diff` show the change, and the MLflow runs of the
-stages it re-ran carry the experiment's name.
+"""`dvc exp run -S lr=1e-4 -S launch.nproc_per_node=2` on the tiny preset: it completes with every
+training stage under torchrun (two processes, gloo on CPU), `dvc exp show` / `dvc params diff` /
+`dvc metrics diff` show the change, and the MLflow runs of the stages it re-ran carry the experiment's
+name.
 
-One experiment per session, run on a copy of the session's `tiny_repo` (the DAG
-is built once; the experiment also cuts the QA model's training to one epoch, for suite time; the experiment re-runs only what depends on the changed param:
-train_phi2_qlora, evaluate_qa and report for `lr`; a `chat` param is read by train_gpt2_chat alone). The runs go to the default store,
-mlflow.db in the repository root, as for a user who set no MLFLOW_TRACKING_URI.
+One experiment per session, run on a copy of the session's `tiny_repo` (the DAG is built once). The lr
+change and the two-process launch are one run (suite time), with every model's training cut to an epoch
+or two; that two ranks follow the one-process trajectory is shown by test_ddp.py and test_train_loop.py on
+the same loop. What an lr change alone reruns is read from `dvc status` after the edit and the DAG
+below the stage it names. The runs go to the default store, mlflow.db in the repository root, as for a
+user who set no MLFLOW_TRACKING_URI.
 
-Until the whole DAG exists (conftest TINY_DAG_STAGES is a list), the
-experiment changes a param of the data stages instead, because `lr` is read
-only by train_phi2_qlora; the metrics test needs the whole DAG and says so.
+Until the whole DAG exists (conftest TINY_DAG_STAGES is a list), the experiment changes a param of the
+data stages instead, because `lr` is read only by train_phi2_qlora; the tests that need the whole DAG say so.
 """
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ import servers
 # The param the experiment changes: (key, new value as typed on the command line, as YAML loads it).
 FULL_DAG_SET = ("lr", "1e-4", 1e-4)                              # the issue's command
 PARTIAL_DAG_SET = ("cifar.synthetic_test_per_class", "21", 21)   # read by build_cifar_qa_csv
-SHORT_PHI = ["phi2.train.epochs=1", "phi2.eval_questions=20"]
+# The launch change and shortened training (suite time). No QA-base key: its warm-up must not rerun.
+WITH = ["launch.nproc_per_node=2", "siglip.train.epochs=2", "phi2.train.epochs=1", "phi2.eval_questions=20",
+        "captioner.train.epochs=2", "chat.train.epochs=1", "chat.eval_turns=20"]
+LAUNCHED = ["train_siglip", "precompute_embeddings", "train_phi2_qlora", "train_gpt2_captioner", "train_gpt2_chat"]
 
 
 @dataclass
@@ -55,10 +60,9 @@ def experiment(tiny_repo, tmp_path_factory) -> Experiment:
 
     old = _get(yaml.safe_load((repo / "params.yaml").read_text()), key)
     assert old != value
-    # Shortened training (suite time): the phi2 keys, like lr, are read by train_phi2_qlora alone.
-    short = [x for kv in SHORT_PHI for x in ("-S", kv)] if tiny_repo.full_dag else []
-    p = servers.run(["dvc", "exp", "run", "-S", f"{key}={typed}", *short, *tiny_repo.targets], cwd=repo, env=env,
-                    timeout=900)
+    more = [x for kv in WITH for x in ("-S", kv)] if tiny_repo.full_dag else []
+    p = servers.run(["dvc", "exp", "run", "-S", f"{key}={typed}", *more, *tiny_repo.targets], cwd=repo, env=env,
+                    timeout=1500)
     out = p.stdout + p.stderr
     reran = re.findall(r"Running stage '([^']+)'", out)
     assert reran, f"the experiment re-ran no stage:\n{out[-3000:]}"
@@ -90,25 +94,79 @@ def test_exp_run_completes_and_mlflow_runs_carry_its_name(experiment, tiny_repo)
             f"train_phi2_qlora's MLflow params do not show lr=1e-4: {lrs}"
 
 
-def test_exp_run_reruns_only_the_stages_that_read_the_changed_params(experiment, tiny_repo):
-    """lr reruns train_phi2_qlora, its evaluation and the report, not the QA base's warm-up nor the other
-    models' evaluations; a chat param is read by train_gpt2_chat alone (its evaluation then reruns because
-    models/chat changed): `dvc status` after the edit names that one stage."""
-    if not tiny_repo.full_dag:
-        pytest.skip("needs the whole tiny DAG")
-    assert sorted(experiment.reran) == ["evaluate_qa", "report", "train_phi2_qlora"], experiment.reran
+def _downstream(repo: Path, stage: str) -> set[str]:
+    """The stages below ``stage`` in dvc.yaml's DAG: those that read an output of it, or of one of them."""
     import yaml
 
-    params = experiment.repo / "params.yaml"
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    outs = {name: [o if isinstance(o, str) else next(iter(o)) for o in s.get("outs", [])] for name, s in stages.items()}
+    below, todo = set(), [stage]
+    while todo:
+        made = outs[todo.pop()]
+        for name, s in stages.items():
+            if name not in below and any(d == o or d.startswith(o + "/") or o.startswith(d + "/")
+                                         for d in s.get("deps", []) for o in made):
+                below.add(name)
+                todo.append(name)
+    return below
+
+
+def _status_after(repo: Path, env: dict, edit) -> dict:
+    """`dvc status --json` with params.yaml edited by ``edit(dict)``; params.yaml restored after."""
+    import yaml
+
+    params = repo / "params.yaml"
     before = params.read_text()
     data = yaml.safe_load(before)
-    data["chat"]["train"]["lr"] = 5e-4
+    edit(data)
     try:
         params.write_text(yaml.safe_dump(data, sort_keys=False))
-        status = json.loads(servers.run(["dvc", "status", "--json"], cwd=experiment.repo, env=experiment.env).stdout)
+        return json.loads(servers.run(["dvc", "status", "--json"], cwd=repo, env=env).stdout)
     finally:
         params.write_text(before)
+
+
+def test_exp_run_reruns_only_the_stages_that_read_the_changed_params(experiment, tiny_repo):
+    """The experiment reran every launched stage and what is below them, not the data stages nor the QA
+    base's warm-up. An lr change alone names train_phi2_qlora in `dvc status`, so it reruns that stage, its
+    evaluation and the report; a chat param is read by train_gpt2_chat alone."""
+    if not tiny_repo.full_dag:
+        pytest.skip("needs the whole tiny DAG")
+    ex = experiment
+    launched = [s for s in ex.reran if s in LAUNCHED]
+    assert launched == LAUNCHED, ex.reran
+    assert set(ex.reran) - set(LAUNCHED) == {"evaluate_siglip", "evaluate_qa", "evaluate_captioner",
+                                             "evaluate_chat", "report"}, ex.reran
+
+    status = _status_after(ex.repo, ex.env, lambda d: d.update(lr=2e-4))
+    assert list(status) == ["train_phi2_qlora"], status
+    assert _downstream(ex.repo, "train_phi2_qlora") == {"evaluate_qa", "report"}
+    status = _status_after(ex.repo, ex.env, lambda d: d["chat"]["train"].update(lr=5e-4))
     assert list(status) == ["train_gpt2_chat"], status
+
+
+def test_every_training_stage_ran_in_two_processes(experiment, tiny_repo):
+    """dvc.lock records the launch for each launched stage; each model was written once, by rank 0 (one
+    curve, not clobbered or doubled); the speed files count both ranks; the pipeline ends clean."""
+    if not tiny_repo.full_dag:
+        pytest.skip("needs the whole tiny DAG")
+    import yaml
+
+    repo = experiment.repo
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage in LAUNCHED:
+        assert lock[stage]["cmd"] == f"python -m vlmpipe.loop.launch stages/{stage}.py"
+        assert lock[stage]["params"]["params.yaml"]["launch.nproc_per_node"] == 2
+    for name in ("siglip", "phi2_vlm", "captioner", "chat"):
+        speed = json.loads((repo / f"reports/speed/{name}.json").read_text())
+        assert speed["world_size"] == 2 and speed["mfu"] > 0, speed
+        rows = (repo / f"reports/{name}/train_curve.csv").read_text().splitlines()
+        assert len(rows) > 2, name
+        assert len(rows) - 1 == len({r.split(",")[0] for r in rows[1:]}), name
+    status = servers.run(["dvc", "status"], cwd=repo, env=experiment.env).stdout
+    assert "up to date" in status, status
+    m = json.loads((repo / "reports/metrics.json").read_text())
+    assert m["vqa"]["n_questions"] > 0 and m["chat"]["n_turns"] > 0 and m["captioner"]["n_images"] > 0
 
 
 def test_exp_show_and_params_diff_show_the_change(experiment):

@@ -1,8 +1,9 @@
 """`python -m vlmpipe.loop.launch`: the GPU stages' command in dvc.yaml.
 
 Fast tests run the launcher on a stand-in script (it joins the process group, reports its rank and
-the world, optionally fails) in a folder holding a params file; the slow one runs the tiny preset's
-DAG with two processes through `dvc exp run -S launch.nproc_per_node=2`.
+the world, optionally fails) in a folder holding a params file; the slow ones start two launchers as two
+machines. The tiny preset's DAG with two processes (`dvc exp run -S launch.nproc_per_node=2`) runs in
+test_experiments.py, folded into the lr experiment.
 """
 from __future__ import annotations
 
@@ -156,45 +157,6 @@ sys.exit(max(p.wait() for p in procs))
                        env={**env, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:{env['PATH']}"},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "launch.fanout" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-def test_tiny_dag_with_two_processes(tiny_repo, tmp_path):
-    """`dvc exp run -S launch.nproc_per_node=2` on the tiny preset (gloo, CPU): every GPU stage reruns under
-    torchrun and dvc.lock records it; every model is written once by rank 0 and loads in `evaluate`.
-    Training is cut to an epoch or two here (suite time): that two ranks follow the one-process trajectory
-    is shown by test_ddp.py and test_train_loop.py, on the same loop."""
-    repo = tiny_repo.clone(tmp_path / "repo")
-    env = tiny_repo.env(repo)
-    short = ["siglip.train.epochs=2", "phi2.train.epochs=1", "phi2.eval_questions=20", "phi2.tiny.warmup_steps=50",
-             "captioner.train.epochs=2", "chat.train.epochs=1", "chat.eval_turns=20"]
-    sets = [x for kv in ["launch.nproc_per_node=2", *short] for x in ("-S", kv)]
-    p = servers.run(["dvc", "exp", "run", *sets], cwd=repo, env=env, timeout=1500)
-    out = p.stdout + p.stderr
-    import re
-
-    ran = re.findall(r"Running stage '([^']+)'", out)
-    launched = [s for s in ran if not s.startswith(("evaluate_", "report", "prepare_qa_base"))]
-    assert launched == ["train_siglip", "precompute_embeddings", "train_phi2_qlora", "train_gpt2_captioner",
-                        "train_gpt2_chat"], ran
-    # The QA base reruns for its shorter warm-up (phi2.tiny.warmup_steps), in one process: not launched.
-    assert {s for s in ran if s not in launched} == {"prepare_qa_base", "evaluate_siglip", "evaluate_qa",
-                                                     "evaluate_captioner", "evaluate_chat", "report"}, ran
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    for stage in launched:
-        assert lock[stage]["cmd"] == f"python -m vlmpipe.loop.launch stages/{stage}.py"
-        assert lock[stage]["params"]["params.yaml"]["launch.nproc_per_node"] == 2
-    for name in ("siglip", "phi2_vlm", "captioner", "chat"):
-        speed = json.loads((repo / f"reports/speed/{name}.json").read_text())
-        assert speed["world_size"] == 2 and speed["mfu"] > 0, speed
-    status = servers.run(["dvc", "status"], cwd=repo, env=env).stdout
-    assert "up to date" in status, status
-    two = json.loads((repo / "reports/metrics.json").read_text())
-    assert {"siglip", "vqa", "captioner", "chat"} <= set(two)
-    assert two["vqa"]["n_questions"] > 0 and two["chat"]["n_turns"] > 0 and two["captioner"]["n_images"] > 0
-    for name in ("siglip", "phi2_vlm", "captioner", "chat"):
-        rows = (repo / f"reports/{name}/train_curve.csv").read_text().splitlines()
-        assert len(rows) > 2, name  # one writer: a second rank would have clobbered or doubled the curve
-        assert len(rows) - 1 == len({r.split(",")[0] for r in rows[1:]}), name
 
 
 def _netns_pair():
