@@ -45,7 +45,7 @@ def _load(tmp_path, text):
 
 
 @pytest.mark.parametrize("text, key, words", [
-    ("lr: 1e-4\n", "lr", "a string"),  # YAML 1.1 reads 1e-4 (no dot) as a string
+    ('lr: "1e-4"\n', "lr", "a string"),  # quoted: a string, refused with a hint
     ("seed: 1.5\n", "seed", "expected an integer"),
     ("siglip:\n  train:\n    epochs: many\n", "siglip.train.epochs", "expected an integer"),
     ("siglip:\n  backbone: vgg\n", "siglip.backbone", "unknown backbone"),
@@ -74,6 +74,16 @@ def test_ints_widen_to_float_and_partial_files_keep_defaults(tmp_path):
     assert isinstance(p.siglip.logit_lr_mult, float) and p.siglip.logit_lr_mult == 5.0
 
 
+@pytest.mark.parametrize("written, value", [("2e-4", 2e-4), ("1E-3", 1e-3), ("5.e-5", 5e-5), (".5e-3", 5e-4),
+                                            ("+3e-4", 3e-4), ("1.0e-4", 1e-4), ("0.0002", 2e-4)])
+def test_floats_are_read_as_dvc_reads_them(tmp_path, written, value):
+    """YAML 1.2 (DVC's reading of params.yaml) takes 2e-4 without a dot as a number; so does the loader."""
+    from dvc.utils.serialize import parse_yaml
+
+    assert _load(tmp_path, f"lr: {written}\n").lr == pytest.approx(value)
+    assert parse_yaml(f"lr: {written}\n", "params.yaml")["lr"] == pytest.approx(value)  # DVC agrees
+
+
 def test_invalid_yaml_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"line \d+: not valid YAML"):
         _load(tmp_path, "seed: [1, 2\n")
@@ -82,7 +92,7 @@ def test_invalid_yaml_is_one_line(tmp_path):
 def test_stage_reports_bad_param_without_traceback(tmp_path):
     """A stage started with a bad params file exits 2 with one line on stderr."""
     bad = tmp_path / "params.yaml"
-    bad.write_text("lr: 1e-4\n")
+    bad.write_text('lr: "1e-4"\n')
     code = ("from vlmpipe.core.errors import stage_entry\n"
             "from vlmpipe.core.params import load_params\n"
             "raise SystemExit(stage_entry(load_params)({}))\n")

@@ -7,7 +7,7 @@ section is a dataclass defined where it is read (``vlmpipe/<wing>/params.py``,
 ``LaunchParams`` here). A stage loads the sections it reads with
 ``load_params({"siglip": SiglipParams})``, checked before it does any work: an
 unknown key, a wrong type or an out-of-range value is a ``UserError`` whose one
-line names the key (``siglip.lr: expected a number, got '1e-4' ...``).
+line names the key (``siglip.train.epochs: expected an integer, got 'many'``).
 
 Presets (``presets/*.yaml``) are complete params files with the same schema;
 nothing in the code branches on which preset is in use.
@@ -239,8 +239,7 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; say so instead of
-            # failing later inside the optimizer.
+            # A quoted "1e-4" is a string: say so instead of failing later inside the optimizer.
             raise UserError(f"{key}: expected a number, got {_describe(value)}")
         return float(value)
     if tp is str:
@@ -313,6 +312,11 @@ def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = F
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+# YAML 1.1 (PyYAML) reads ``2e-4`` without a dot as a string; YAML 1.2, which DVC reads params.yaml
+# with, reads it as a number, and so do users. Read it as DVC does: one value, one meaning.
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789."))
 
 # Deeper than any params file could sensibly be; a hostile file nested 100k deep would otherwise
 # end in a RecursionError traceback inside the YAML parser.
