@@ -91,6 +91,7 @@ class FileServer:
 SLOW_FIXTURES = {"tiny_repo", "full_repo"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
 def pytest_collection_modifyitems(config, items):
     """Marks the tests of a preset run slow, and groups tests for `pytest -n 2 --dist loadgroup` (the
     Makefile's): the tests of one preset run on the worker that built it, and each other module on one
