@@ -7,7 +7,7 @@
 
 Images arrive as uint8 HxWx3 (numpy, tensor or PIL) and are preprocessed on the
 model's device by ``preprocess``, the one image path for training and inference: resized to
-``image_size`` (bilinear, antialiased) and
+``image_size`` (bicubic, antialiased) and
 normalised with the ImageNet mean/std (what torchvision's ImageNet weights
 expect; harmless for a randomly initialised tower).
 """
@@ -81,7 +81,9 @@ class SigLIP(nn.Module):
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         s = self.image_size
         if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+            # Bicubic with antialiasing, clamped to the pixel range: what PIL's bicubic resize does (to
+            # within its rounding to 8 bits), and what CLIP-style towers are usually fed.
+            x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp_(0.0, 1.0)
         return (x - self.mean) / self.std
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
