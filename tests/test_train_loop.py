@@ -193,6 +193,22 @@ def test_evaluation_does_not_change_training(tmp_path):
     _assert_same_weights(trainable_state(a.model), trainable_state(b.model))
 
 
+def test_two_runs_write_the_same_bytes(tmp_path):
+    """Checkpoints and curves record no wall time: DVC's hashes of them (and so dvc.lock) come out the
+    same from two runs; only the speed file, which DVC does not track, differs."""
+    import hashlib
+
+    def digests(root: Path) -> dict:
+        return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(root.rglob("*")) if f.is_file()}
+    _run(tmp_path / "a")
+    time.sleep(0.05)  # a different clock
+    _run(tmp_path / "b")
+    for sub in ("ckpt", "reports"):
+        assert digests(tmp_path / "a" / sub) == digests(tmp_path / "b" / sub), sub
+    assert len(digests(tmp_path / "a" / "ckpt")) >= 3
+
+
 def test_outputs_and_checkpoint_contents(tmp_path):
     task, res = _run(tmp_path)
     assert res.steps == 24 and res.samples_per_s > 0 and res.tokens_per_s == pytest.approx(3 * res.samples_per_s)

@@ -29,7 +29,9 @@ Contract:
   batches in persistent worker processes (pinned memory on CUDA).
 - Speed apart from quality: ``report_dir/metrics.json`` holds the last evaluation;
   ``report_dir/../speed/<report_dir name>.json`` samples/s, tokens/s, model TFLOP/s per device
-  and MFU (``reports/siglip`` → ``reports/speed/siglip.json``).
+  and MFU of this process's steps (``reports/siglip`` → ``reports/speed/siglip.json``; after a
+  resume, of the steps since). Nothing DVC hashes records wall time: checkpoints and curves
+  come out byte-identical from two runs on the same kind of CPU.
   The host reads losses from the device every ``log_every`` steps, not per step.
 - ``task.param_groups(model, lr)`` may return optimizer groups (group 0 is the
   one whose lr is logged); default: weight decay on matrices only.
@@ -483,7 +485,7 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"][rank], device)
-        start, train_rows, val_rows, seen = ck["step"], ck["train_rows"], ck["val_rows"], ck["seen"]
+        start, train_rows, val_rows = ck["step"], ck["train_rows"], ck["val_rows"]
 
     # DDP all-reduces (averages) gradients during backward; find_unused_parameters=False: all trainable params are used.
     # (On CPU, 1x1 convolution weight gradients differ from their weights only in the strides of size-1
@@ -605,7 +607,7 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
                 _save_checkpoint(ckpt_dir, model, {
                     "step": step + 1, "epoch": epoch, "batch_in_epoch": b + 1, "rng": rngs,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "train_rows": train_rows, "val_rows": val_rows, "seen": seen}, identity)
+                    "train_rows": train_rows, "val_rows": val_rows}, identity)
             barrier()
         if main and (end_of_epoch or checkpoint_now):  # the curve files, consistent with the checkpoint
             _write_csv(report_dir / "train_curve.csv", train_rows)
