@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # starves the other thread (measured: ~25 vs ~230 images/s). Let idle threads sleep.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: repro test venv clean-venv browser
+.PHONY: repro test exp venv clean-venv browser
 
 venv: $(STAMP)
 
@@ -27,6 +27,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 repro: $(STAMP)
 	dvc repro
+
+# The experiments at a glance: the params each one changed and each model's headline score (R@1,
+# VQA accuracy, CIDEr, chat exact match). Plain `dvc exp show` has every param, dep and score.
+EXP_KEEP := ^(Experiment|Created|siglip\.i2t_r1|vqa\.accuracy|captioner\.cider|chat\.exact_match)$$
+EXP_DROP := .*/.*|requirements\.txt|(siglip\.(i2t_r5|t2i_|r1_|r5_|zero_shot)|vqa\.(blind_|by_type|n_)|captioner\.(baseline_|bleu|meteor|rougeL|n_)|chat\.(blind_|by_type|followup_|n_|nll_)).*
+exp: $(STAMP)
+	dvc exp show --only-changed --keep '$(EXP_KEEP)' --drop '$(EXP_DROP)' $(ARGS)
 
 test: $(STAMP) browser
 	python -m pytest -q -n 2 --dist loadgroup --durations=12 tests

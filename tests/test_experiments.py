@@ -205,3 +205,29 @@ def test_metrics_diff_shows_changed_quality_only(experiment, tiny_repo):
     revs = [rev for r in shown if r["rev"] != "workspace" for g in r["experiments"] or [] for rev in g["revs"]]
     (exp_rev,) = [rev for rev in revs if rev["name"] == ex.name]
     assert "reports/metrics.json" in exp_rev["data"]["metrics"]
+
+
+def test_make_exp_shows_the_change_and_the_headlines_in_few_columns(experiment, tiny_repo):
+    """`make exp` (the README's view of the experiments): the params the experiment changed and each
+    model's headline score, at most 20 columns; plain `dvc exp show` has every param, dep and score."""
+    if not tiny_repo.full_dag:
+        pytest.skip("needs the whole tiny DAG")
+    import csv
+    import io
+    import subprocess
+
+    from conftest import REPO_ROOT
+
+    ex = experiment
+    dry = subprocess.run(["make", "-n", "-s", "exp"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    (cmd,) = [line for line in dry.stdout.splitlines() if line.startswith("dvc exp show")]
+    out = servers.run(["bash", "-c", cmd + " --csv"], cwd=ex.repo, env=ex.env).stdout
+    header = next(csv.reader(io.StringIO(out)))
+    assert len(header) <= 20, header
+    assert {"siglip.i2t_r1", "vqa.accuracy", "captioner.cider", "chat.exact_match", "lr",
+            "launch.nproc_per_node"} <= set(header), header
+    assert not [h for h in header if "/" in h or "by_type" in h], header  # no deps, no breakdowns
+    everything = next(csv.reader(io.StringIO(servers.run(["dvc", "exp", "show", "--csv"], cwd=ex.repo,
+                                                         env=ex.env).stdout)))
+    print(f"\ndvc exp show: {len(everything)} columns; make exp: {len(header)}: {header}")
+    assert len(everything) > 3 * len(header)
