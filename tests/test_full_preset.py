@@ -4,6 +4,8 @@
 is — hub ids at their pinned revisions, an ImageNet ResNet-50 (`pretrained: true`, 224 px), CLIP
 ViT-B/16 features, GPT-2, Phi-2 in 4-bit with gradient checkpointing, beam 5 — with only devices,
 epochs, batch sizes and data sizes overridden, and the mirror params pointed at a loopback server.
+Every training stage runs as on a GPU machine, through the launcher with two processes per node
+(`launch.nproc_per_node: 2`; gloo on the CPU).
 What it would download is pre-placed the way users' machines hold it:
 
 - a Hugging Face hub cache (`models--org--name/refs/main` + `snapshots/<commit>/`) with random-init
@@ -41,19 +43,21 @@ def overrides(mirror: str) -> dict:
     archives come from. Hub ids, revisions, pretrained, image size, regions, beams, 4-bit and
     gradient checkpointing stay as the preset has them."""
     # One epoch, a checkpoint at the end only (a GPT-2 checkpoint with its optimizer state is 1.5 GB).
+    # Two processes: each batch splits across them, then into micro-batches (batch % (2 x grad_accum) == 0).
     cpu = {"device": "cpu", "epochs": 1, "checkpoint_every": 0}
     return {
         "coco": {"url": f"{mirror}/coco", "verify": False},
         "cifar": {"url": f"{mirror}/cifar/cifar-10-python.tar.gz", "verify": False},
         "siglip": {"train": {**cpu, "batch_size": 8}},
         "embeddings": {"device": "cpu", "batch_size": 8},
-        # The preset's batch 8 in 8 micro-batches of one conversation: the accumulation path runs.
-        "phi2": {"eval_questions": 4, "max_new_tokens": 8, "train": {**cpu, "batch_size": 8}},
+        # A batch of 4: two conversations per process, in two micro-batches (the accumulation path).
+        "phi2": {"eval_questions": 4, "max_new_tokens": 8, "train": {**cpu, "batch_size": 4, "grad_accum": 2}},
         "captioner": {"max_caption_tokens": 12, "train": {**cpu, "batch_size": 20}},
         "conversations": {"url": f"{mirror}/llava/llava_instruct_150k.json"},
-        # 7 training conversations: a batch of 4 in 4 micro-batches (the accumulation path again).
-        "chat": {"eval_turns": 4, "max_new_tokens": 8, "train": {**cpu, "batch_size": 4, "grad_accum": 4}},
+        # 7 training conversations: a batch of 4, two per process in two micro-batches.
+        "chat": {"eval_turns": 4, "max_new_tokens": 8, "train": {**cpu, "batch_size": 4, "grad_accum": 2}},
         "evaluate": {"device": "cpu", "max_images": 4, "gallery_images": 2},
+        "launch": {"nproc_per_node": 2},
     }
 
 
@@ -147,6 +151,24 @@ def test_every_stage_ran_and_the_pipeline_is_clean(full_repo):
         p["captioner"]["vision_encoder_revision"]
     m = _json(full_repo.path / "reports/metrics.json")
     assert {"siglip", "vqa", "captioner", "chat"} <= set(m) and "i2t_r1" in m["siglip"]
+
+
+LAUNCHED = ["train_siglip", "precompute_embeddings", "train_phi2_qlora", "train_gpt2_captioner", "train_gpt2_chat"]
+
+
+def test_every_training_stage_ran_in_two_processes(full_repo):
+    """dvc.lock records the launcher and two processes for each launched stage; each model was written
+    once, by rank 0 (one curve, not clobbered or doubled); the speed files count both ranks."""
+    root = full_repo.path
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for stage in LAUNCHED:
+        assert lock[stage]["cmd"] == f"python -m vlmpipe.loop.launch stages/{stage}.py"
+        assert lock[stage]["params"]["params.yaml"]["launch.nproc_per_node"] == 2
+    for name in ("siglip", "phi2_vlm", "captioner", "chat"):
+        speed = _json(root / f"reports/speed/{name}.json")
+        assert speed["world_size"] == 2 and speed["mfu"] > 0, speed
+        rows = (root / f"reports/{name}/train_curve.csv").read_text().splitlines()
+        assert len(rows) >= 2 and len(rows) - 1 == len({r.split(",")[0] for r in rows[1:]}), name
 
 
 def test_llava_conversations_joined_with_coco_and_the_chat_model_continued_gpt2(full_repo):
