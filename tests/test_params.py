@@ -120,15 +120,15 @@ def test_a_stage_reads_only_its_sections(tmp_path):
 
 @pytest.mark.parametrize("name", ["params.yaml", "presets/tiny.yaml", "presets/full.yaml"])
 def test_dvc_exp_run_set_changes_one_line(tmp_path, name):
-    """`dvc exp run -S lr=2e-4` rewrites params.yaml through DVC's YAML round trip: the file is written the
-    way that round trip writes it, so only the changed value's line moves (comments, quotes, lists stay)."""
-    from dvc.utils.serialize import modify_yaml
+    """`dvc exp run -S lr=2e-4` rewrites params.yaml through DVC's own override path (a YAML round trip
+    and an OmegaConf merge): the file is written the way that path writes it ('' for empty strings,
+    lists in block style), so only the changed value's line moves."""
+    from dvc.utils.hydra import apply_overrides
 
     f = tmp_path / "params.yaml"
     f.write_text((ROOT / name).read_text())
-    with modify_yaml(f) as data:
-        data["lr"] = 2e-4
+    apply_overrides(f, ["lr=2e-4"])
     before, after = (ROOT / name).read_text().splitlines(), f.read_text().splitlines()
-    assert len(before) == len(after)
+    assert len(before) == len(after), "\n".join(after)
     changed = [(a, b) for a, b in zip(before, after) if a != b]
     assert len(changed) == 1 and changed[0][1].startswith("lr: 0.0002 "), changed
