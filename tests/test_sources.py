@@ -59,10 +59,10 @@ def full_offline(tmp_path, monkeypatch):
     weights_file("resnet50").write_bytes(b"placed")
     text = (ROOT / "presets/full.yaml").read_text()
     port = servers.dead_port()
-    text = text.replace('  url: ""          # a mirror\'s base URL', f'  url: "http://127.0.0.1:{port}/coco"  #', 1)
-    text = text.replace('  url: ""          # a mirror\'s URL of cifar-10-python.tar.gz',
+    text = text.replace("  url: ''          # a mirror's base URL", f'  url: "http://127.0.0.1:{port}/coco"  #', 1)
+    text = text.replace("  url: ''          # a mirror's URL of cifar-10-python.tar.gz",
                         f'  url: "http://127.0.0.1:{port}/cifar-10-python.tar.gz"', 1)
-    text = text.replace('  url: ""                # llava_instruct_150k: a mirror',
+    text = text.replace("  url: ''                # llava_instruct_150k: a mirror",
                         f'  url: "http://127.0.0.1:{port}/llava_instruct_150k.json"  #', 1)
     (tmp_path / "params.yaml").write_text(text)
     p = load_params(tmp_path / "params.yaml")
