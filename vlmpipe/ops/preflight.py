@@ -27,6 +27,7 @@ import yaml
 from vlmpipe.captioner.params import CaptionerParams
 from vlmpipe.chat.params import ChatParams
 from vlmpipe.core import hub
+from vlmpipe.core.download import default_download_dir
 from vlmpipe.sources import remote
 from vlmpipe.core.errors import UserError
 from vlmpipe.core.params import load_params
@@ -94,8 +95,6 @@ def _is_hub(name: str) -> bool:
 
 
 def _coco_needs(p) -> list[Need]:
-    from vlmpipe.core.download import default_download_dir
-
     if p.coco.source != "coco2017":
         return []
     out, ddir = [], default_download_dir() / "coco2017"
@@ -112,8 +111,6 @@ def _coco_needs(p) -> list[Need]:
 
 
 def _cifar_needs(p) -> list[Need]:
-    from vlmpipe.core.download import default_download_dir
-
     if p.cifar.source != "cifar10":
         return []
     if p.cifar.local_path:
@@ -127,8 +124,6 @@ def _cifar_needs(p) -> list[Need]:
 
 
 def _conversations_needs(p) -> list[Need]:
-    from vlmpipe.core.download import default_download_dir
-
     c = p.conversations
     if c.source != "llava_instruct_150k" or c.path:
         return []
@@ -165,7 +160,7 @@ def _captioner_lm(p) -> tuple[str, str, str]:
 
 
 # What each stage fetches under the params: the stages of dvc.yaml that load something from the network
-# (tests/test_params.py holds the names to dvc.yaml). A frozen captioner LM is not saved with the
+# (tests/test_sources.py holds the names to dvc.yaml). A frozen captioner LM is not saved with the
 # captioner, so its evaluation loads it again; the QA model keeps only its adapter.
 NEEDS: dict[str, Callable[..., list[Need]]] = {
     "download_coco": _coco_needs,
