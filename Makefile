@@ -55,3 +55,18 @@ browser:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A preset over params.yaml, never over your edits: `make preset NAME=full` copies presets/full.yaml
+# to params.yaml, and refuses in one line, leaving params.yaml as it was, while it holds changes not
+# committed to git (staged or not). A params.yaml byte for byte one of the presets holds none.
+PRESETS := $(sort $(basename $(notdir $(wildcard presets/*.yaml))))
+preset_known = $(and $(filter 1,$(words $(NAME))),$(if $(findstring %,$(NAME)),,$(filter $(NAME),$(PRESETS))))
+params_replaceable = $(shell if [ ! -e params.yaml ]; then echo yes; exit 0; fi; \
+  for p in presets/*.yaml; do cmp -s params.yaml "$$p" && { echo yes; exit 0; }; done; \
+  git ls-files --error-unmatch params.yaml >/dev/null 2>&1 && git diff --quiet HEAD -- params.yaml 2>/dev/null && echo yes)
+.PHONY: preset
+preset:
+	$(if $(preset_known),,$(error make preset: $(if $(NAME),no preset '$(NAME)',say which with NAME=<name>); the presets are: $(PRESETS)))
+	$(if $(params_replaceable),,$(error params.yaml has changes not committed to git: keep them (git stash, or git commit params.yaml) or discard them (git checkout HEAD -- params.yaml), then run make preset NAME=$(NAME) again))
+	cp presets/$(NAME).yaml params.yaml
+	@echo "params.yaml is presets/$(NAME).yaml now: dvc repro runs it (git checkout HEAD -- params.yaml goes back)"
