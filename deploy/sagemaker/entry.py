@@ -51,7 +51,7 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # download_coco hard-links the archives it keeps whole into data/coco when the download folder is on the
-    # repository's filesystem (README "Disk"); beside the repository, not inside its Git work tree.
+    # repository's filesystem (docs/full-preset.md, "Disk"); beside the repository, not inside its Git work tree.
     os.environ.setdefault("VLMPIPE_DOWNLOAD_DIR", str(Path.cwd().parent / "vlmpipe-downloads"))
 
     # .dvc/config.local (your credentials and bucket) is git-ignored and so not uploaded: the bucket comes
