@@ -15,10 +15,11 @@ OUT = Path("reports/eval/captioner.json")
 @stage_entry
 def main() -> None:
     with stage("evaluate_captioner", {"evaluate": EvaluateParams}, device="evaluate.device",
-               needs=(MODEL, EMBEDDINGS, COCO)) as s:
+               needs=(MODEL, EMBEDDINGS, COCO), model="captioner") as s:
         metrics, examples = evaluate(s.p.evaluate, captioner_dir=MODEL, embeddings_root=EMBEDDINGS, coco_root=COCO,
                                      device=s.device)
         s.write_evaluation(OUT, metrics, examples)
+        s.score_version("captioner", MODEL, metrics)
 
 
 if __name__ == "__main__":

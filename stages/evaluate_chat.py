@@ -15,10 +15,11 @@ OUT = Path("reports/eval/chat.json")
 @stage_entry
 def main() -> None:
     with stage("evaluate_chat", {"evaluate": EvaluateParams}, device="evaluate.device",
-               needs=(MODEL, CONVERSATIONS, EMBEDDINGS)) as s:
+               needs=(MODEL, CONVERSATIONS, EMBEDDINGS), model="chat") as s:
         metrics, examples = evaluate(s.p.evaluate, chat_dir=MODEL, conversations_root=CONVERSATIONS,
                                      embeddings_root=EMBEDDINGS, device=s.device)
         s.write_evaluation(OUT, metrics, examples)
+        s.score_version("chat", MODEL, metrics)
 
 
 if __name__ == "__main__":

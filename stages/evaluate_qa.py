@@ -15,10 +15,11 @@ CSV, CIFAR, OUT = Path("data/cifar_qa.csv"), Path("data/cifar"), Path("reports/e
 @stage_entry
 def main() -> None:
     with stage("evaluate_qa", {"evaluate": EvaluateParams}, device="evaluate.device",
-               needs=(MODEL, EMBEDDINGS, CSV, CIFAR)) as s:
+               needs=(MODEL, EMBEDDINGS, CSV, CIFAR), model="vqa") as s:
         metrics, examples = evaluate(s.p.evaluate, qa_dir=MODEL, embeddings_root=EMBEDDINGS, csv_path=CSV,
                                      cifar_root=CIFAR, device=s.device)
         s.write_evaluation(OUT, metrics, examples)
+        s.score_version("qa", MODEL, metrics)
 
 
 if __name__ == "__main__":

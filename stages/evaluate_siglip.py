@@ -15,9 +15,10 @@ OUT = Path("reports/eval/siglip.json")
 @stage_entry
 def main() -> None:
     with stage("evaluate_siglip", {"evaluate": EvaluateParams}, device="evaluate.device",
-               needs=(MODEL, CIFAR, CSV)) as s:
+               needs=(MODEL, CIFAR, CSV), model="siglip") as s:
         metrics, examples = evaluate(s.p.evaluate, siglip_dir=MODEL, cifar_root=CIFAR, csv_path=CSV, device=s.device)
         s.write_evaluation(OUT, metrics, examples)
+        s.score_version("siglip", MODEL, metrics)
 
 
 if __name__ == "__main__":

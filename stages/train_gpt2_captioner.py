@@ -18,7 +18,8 @@ OUT, CKPT, REPORTS = Path("models/captioner"), Path("models/checkpoints/captione
 
 @stage_entry
 def main() -> None:
-    with stage("train_gpt2_captioner", {"captioner": CaptionerParams}, device="captioner.train.device") as s:
+    with stage("train_gpt2_captioner", {"captioner": CaptionerParams},
+               device="captioner.train.device", model="captioner") as s:
         captioner.run_stage(s.p.captioner, seed=s.p.seed, coco_root=COCO, embeddings_root=EMBEDDINGS,
                             siglip_dir=SIGLIP, out_dir=OUT, ckpt_dir=CKPT, report_dir=REPORTS, run=s.run)
         s.register("captioner", OUT)

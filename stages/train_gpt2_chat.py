@@ -18,7 +18,7 @@ OUT, CKPT, REPORTS = Path("models/chat"), Path("models/checkpoints/chat"), Path(
 
 @stage_entry
 def main() -> None:
-    with stage("train_gpt2_chat", {"chat": ChatParams}, device="chat.train.device") as s:
+    with stage("train_gpt2_chat", {"chat": ChatParams}, device="chat.train.device", model="chat") as s:
         chat.run_stage(s.p.chat, seed=s.p.seed, captioner_dir=CAPTIONER, conversations_root=CONVERSATIONS,
                        embeddings_root=EMBEDDINGS, out_dir=OUT, ckpt_dir=CKPT, report_dir=REPORTS, run=s.run)
         s.register("chat", OUT)

@@ -19,7 +19,8 @@ OUT, CKPT, REPORTS = Path("models/phi2_vlm"), Path("models/checkpoints/phi2_vlm"
 
 @stage_entry
 def main() -> None:
-    with stage("train_phi2_qlora", {"phi2": Phi2Params}, device="phi2.train.device", top=("seed", "lr")) as s:
+    with stage("train_phi2_qlora", {"phi2": Phi2Params},
+               device="phi2.train.device", top=("seed", "lr"), model="vqa") as s:
         qa.run_stage(s.p.phi2, lr=s.p.lr, seed=s.p.seed, device=s.device, csv_path=CSV, cifar_root=CIFAR,
                      embeddings_root=EMBEDDINGS, siglip_dir=SIGLIP, base_dir=BASE, out_dir=OUT, ckpt_dir=CKPT,
                      report_dir=REPORTS, run=s.run)

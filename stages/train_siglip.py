@@ -17,7 +17,7 @@ OUT, CKPT, REPORTS = Path("models/siglip"), Path("models/checkpoints/siglip"), P
 
 @stage_entry
 def main() -> None:
-    with stage("train_siglip", {"siglip": SiglipParams}, device="siglip.train.device") as s:
+    with stage("train_siglip", {"siglip": SiglipParams}, device="siglip.train.device", model="siglip") as s:
         siglip.run_stage(s.p.siglip, seed=s.p.seed, cifar_root=CIFAR, csv_path=CSV, out_dir=OUT, ckpt_dir=CKPT,
                          report_dir=REPORTS, run=s.run)
         s.register("siglip", OUT)

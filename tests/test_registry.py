@@ -264,6 +264,50 @@ def test_tracking_off_registers_nothing(built, monkeypatch, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_the_champion_alias_moves_only_to_a_better_version(built, monkeypatch, tmp_path):
+    """Three trainings of one model, scored in turn: the first is champion; a worse one is candidate and
+    the champion stays; a better one takes champion. Each version carries its scores; weights that no
+    version holds change nothing. Registration runs from a temporary experiment workspace (cwd elsewhere,
+    DVC_ROOT the repository), as a queued `dvc exp run` does: every version lands in the project's store."""
+    from mlflow.tracking import MlflowClient
+
+    root, _ = built
+    repo, workspace = tmp_path / "repo", tmp_path / "exp-workspace"
+    repo.mkdir()
+    workspace.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("VLMPIPE_TRACKING", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.chdir(workspace)
+    dirs = []
+    for i in range(3):  # the same model, trained three times: different bytes
+        d = tmp_path / f"siglip{i}"
+        shutil.copytree(root / "models/siglip", d)
+        (d / "trained.txt").write_text(f"run {i}\n")
+        dirs.append(d)
+        with stage_run("train_siglip", model="siglip") as run:
+            assert registry.log_model(run, "siglip", d) is not None
+
+    def score(d, r1):
+        with stage_run("evaluate_siglip", model="siglip") as run:
+            return registry.score_version(run, "siglip", d, {"i2t_r1": r1, "t2i_r1": 0.5, "by_type": {"x": 1.0}})
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = registry.registered_name("siglip")
+    alias = lambda a: str(c.get_model_version_by_alias(name, a).version)  # noqa: E731
+
+    assert score(dirs[0], 0.60) == "champion" and alias("champion") == "1"
+    assert score(dirs[1], 0.55) == "candidate" and (alias("champion"), alias("candidate")) == ("1", "2")
+    assert score(dirs[2], 0.70) == "champion" and (alias("champion"), alias("candidate")) == ("3", "2")
+    v2 = c.get_model_version(name, "2")
+    assert float(v2.tags["eval.i2t_r1"]) == 0.55 and float(v2.tags["eval.t2i_r1"]) == 0.5
+    assert v2.tags["weights_sha256"] == registry.weights_digest(dirs[1])
+    assert score(tmp_path / "exp-workspace", 0.99) is None  # no version holds these weights
+    assert alias("champion") == "3"
+    assert not (workspace / "mlflow.db").exists() and not (workspace / "mlartifacts").exists()
+
+
 # ------------------------------------------------------------------ the tiny DAG, a real server
 
 
@@ -286,6 +330,10 @@ def test_tiny_dag_registers_its_models_and_one_serves(tiny_repo, tmp_path, load)
         v = min(mine, key=lambda v: int(v.version))
         assert v.tags["stage"] == stage and v.status == "READY"
         assert client.get_run(v.run_id).data.tags["stage"] == stage  # the version links to its run
+        # Its evaluation stage found it by its weights and recorded the scores and an alias.
+        assert v.tags["weights_sha256"] == registry.weights_digest(tiny_repo.path / "models" / DIRS[kind])
+        assert f"eval.{registry.HEADLINE[kind]}" in v.tags, (kind, v.tags)
+        assert set(v.aliases) & {"champion", "candidate"}, (kind, v.aliases)
         first[kind] = v.version
 
     val = coco.CocoCaptions(tiny_repo.path / "data/coco", "val")

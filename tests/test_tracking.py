@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,11 @@ import servers
 from servers import FAKE_SECRETS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The namespace of each model stage's MLflow metric names (reports/metrics.json's sections).
+MODEL_OF = {"train_siglip": "siglip", "evaluate_siglip": "siglip", "train_phi2_qlora": "vqa", "evaluate_qa": "vqa",
+            "train_gpt2_captioner": "captioner", "evaluate_captioner": "captioner", "train_gpt2_chat": "chat",
+            "evaluate_chat": "chat"}
 
 # The stage run directly against a dead tracking port (cheap, and it must log).
 DEAD_SERVER_STAGE = "build_cifar_qa_csv"
@@ -136,6 +142,116 @@ def test_dvc_experiment_name_tag_and_store_under_dvc_root(env, tmp_path):
     assert r.data.tags["dvc_experiment"] == "lucky-lark"
     assert r.data.tags["dvc_baseline_rev"] == "0123abcd"
     assert r.info.run_name == "train_x@lucky-lark"
+
+
+def test_metric_names_carry_the_model_and_the_experiment_opens_on_its_runs(env):
+    """Two models' metrics never share a key (QA's and chat's exact match used to meet in one chart);
+    the experiment is tagged as model training, so the MLflow UI opens it on its runs, not on traces."""
+    from vlmpipe.ops import tracking
+
+    with tracking.stage_run("evaluate_qa", model="vqa") as qa:
+        qa.log_metrics({"exact_match": 0.9, "by_type.colour": 0.8})
+    with tracking.stage_run("evaluate_chat", model="chat") as chat:
+        chat.log_metrics({"exact_match": 0.5})
+    c = _client(Path.cwd() / "mlflow.db")
+    assert c.get_run(qa.run_id).data.metrics == {"vqa/exact_match": 0.9, "vqa/by_type.colour": 0.8}
+    assert c.get_run(chat.run_id).data.metrics == {"chat/exact_match": 0.5}
+    exp = c.get_experiment_by_name("vlmpipe")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_git_dirty_ignores_the_files_dvc_writes(env):
+    """DVC rewrites dvc.lock (and .gitignore) between stages, and params.yaml under `dvc exp run -S`: the
+    code is still the commit's. A change to code is dirty."""
+    from vlmpipe.ops import tracking
+
+    repo = Path.cwd()
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for name in ("dvc.lock", "params.yaml", "data.dvc", "train.py"):
+        (repo / name).write_text("a: 1\n")
+    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts\n")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "files"], cwd=repo, check=True)
+    for name in ("dvc.lock", "params.yaml", "data.dvc"):
+        (repo / name).write_text("a: 2\n")
+    (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts\n/data\n")  # as DVC adds an output
+    with tracking.stage_run("train_x") as clean:
+        pass
+    (repo / "train.py").write_text("a: 2\n")
+    with tracking.stage_run("train_x") as dirty:
+        pass
+    c = _client(repo / "mlflow.db")
+    assert c.get_run(clean.run_id).data.tags["git_dirty"] == "false"
+    assert c.get_run(dirty.run_id).data.tags["git_dirty"] == "true"
+
+
+# A stand-in for the `dvc` command: it runs each argument as a stage command through the shell, as
+# `dvc repro` does (DVC_ROOT set), one after the other.
+_FAKE_DVC = """import os, subprocess, sys
+for cmd in sys.argv[1:]:
+    subprocess.run(cmd, shell=True, check=True, env={**os.environ, "DVC_ROOT": os.getcwd()})
+"""
+_STAGE = ("from vlmpipe.ops import tracking\n"
+          "with tracking.stage_run({name!r}, model='m') as run:\n"
+          "    run.log_metrics({{'loss': 1.0}})\n")
+
+
+def test_the_stages_of_one_dvc_command_nest_under_one_parent_run(env, tmp_path):
+    """Two commands, two stages each: each command's stages sit under one parent run of their own, which
+    ends with its last stage. A stage run by hand (no DVC around it) has no parent."""
+    repo = Path.cwd()
+    dvc = tmp_path / "bin" / "dvc"
+    dvc.parent.mkdir()
+    dvc.write_text(_FAKE_DVC)
+    stage_cmds = [f"{sys.executable} -c \"{_STAGE.format(name=n)}\"" for n in ("stage_a", "stage_b")]
+    run_env = dict(os.environ)
+    run_env["PYTHONPATH"] = str(ROOT)
+    for _ in range(2):
+        subprocess.run([sys.executable, str(dvc), *stage_cmds], cwd=repo, env=run_env, check=True, timeout=300)
+    from vlmpipe.ops import tracking
+
+    with tracking.stage_run("by_hand") as alone:
+        pass
+    c = _client(repo / "mlflow.db")
+    exp = c.get_experiment_by_name("vlmpipe")
+    runs = c.search_runs([exp.experiment_id])
+    stages = [r for r in runs if r.data.tags.get("stage") in ("stage_a", "stage_b")]
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in stages}
+    assert len(stages) == 4 and len(parents) == 2 and None not in parents, parents
+    for pid in parents:
+        parent = c.get_run(pid)
+        assert parent.info.run_name == "dvc repro" and parent.info.status == "FINISHED"
+        assert parent.data.tags[tracking.INVOCATION_TAG]
+        children = [r for r in stages if r.data.tags["mlflow.parentRunId"] == pid]
+        assert sorted(r.data.tags["stage"] for r in children) == ["stage_a", "stage_b"]
+        assert parent.info.end_time >= max(r.info.end_time for r in children)
+    assert "mlflow.parentRunId" not in c.get_run(alone.run_id).data.tags
+
+
+def test_a_moved_checkout_keeps_its_runs_and_logs_beside_itself(env, tmp_path):
+    """MLflow stores absolute artifact locations; after the checkout moves, the next run re-points them at
+    the mlartifacts/ beside the database: old artifacts read back, new ones land in the moved checkout."""
+    from vlmpipe.ops import tracking
+
+    repo = Path.cwd()
+    (repo / "curve.csv").write_text("step,loss\n0,1.0\n")
+    with tracking.stage_run("train_x") as before:
+        before.log_artifact(repo / "curve.csv")
+    moved = tmp_path / "elsewhere" / "checkout"
+    moved.parent.mkdir()
+    env.chdir(tmp_path)
+    shutil.move(str(repo), str(moved))
+    env.chdir(moved)
+    with tracking.stage_run("train_x") as after:
+        after.log_artifact(moved / "curve.csv")
+    assert not repo.exists()
+    c = _client(moved / "mlflow.db")
+    for run in (before, after):
+        uri = c.get_run(run.run_id).info.artifact_uri
+        assert uri.startswith((moved / "mlartifacts").as_uri()), uri
+        local = c.download_artifacts(run.run_id, "curve.csv", str(tmp_path / run.run_id))
+        assert Path(local).read_text().startswith("step,loss")
+    assert c.get_experiment_by_name("vlmpipe").artifact_location == (moved / "mlartifacts").as_uri()
 
 
 def test_failed_stage_marks_run_failed_and_reraises(env):
@@ -346,6 +462,17 @@ def test_pipeline_runs_read_back_from_mlflow_server(tiny_repo):
         if any("train_curve" in str(p) for p in spec[stage].get("plots", []) or []):
             steps = {m.step for k in r.data.metrics for m in c.get_metric_history(r.info.run_id, k)}
             assert len(steps) > 1, f"{stage}: metrics not logged per step"
+        # DVC wrote dvc.lock between the stages: the code was still the commit's.
+        assert r.data.tags["git_dirty"] == "false", stage
+        model = MODEL_OF.get(stage)
+        if model:
+            assert all(k.startswith(model + "/") for k in r.data.metrics), (stage, sorted(r.data.metrics))
+    # One parent run for the one `dvc repro`, ended with its last stage.
+    parents = {by_stage[s][0].data.tags.get("mlflow.parentRunId") for s in tiny_repo.stages}
+    assert len(parents) == 1 and None not in parents, parents
+    parent = c.get_run(parents.pop())
+    assert parent.info.run_name == "dvc repro" and parent.info.status == "FINISHED"
+    assert parent.data.tags["git_commit"] == tiny_repo.commit
 
 
 def test_no_secret_in_mlflow_server_store(tiny_repo):

@@ -56,6 +56,12 @@ class Stage:
         if self.main:
             registry.log_model(self.run, kind, model_dir)
 
+    def score_version(self, kind: str, model_dir: str | Path, metrics: dict) -> None:
+        """On rank 0: the registered version of ``model_dir``'s weights gets ``metrics`` and the alias
+        ``champion`` or ``candidate`` (``vlmpipe.ops.registry.score_version``)."""
+        if self.main:
+            registry.score_version(self.run, kind, model_dir, metrics)
+
     def write_evaluation(self, out: str | Path, metrics: dict, examples: list) -> None:
         """One model's held-out evaluation: its section of reports/metrics.json and its examples (the
         predictions beside the truth), to ``out`` and, the numbers, to the run."""
@@ -65,8 +71,12 @@ class Stage:
 
 @contextlib.contextmanager
 def stage(name: str, sections: Mapping[str, type], *, device: str | None = None,
-          top: tuple[str, ...] = ("seed",), needs: tuple[str | Path, ...] = ()) -> Iterator[Stage]:
+          top: tuple[str, ...] = ("seed",), needs: tuple[str | Path, ...] = (),
+          model: str | None = None) -> Iterator[Stage]:
     """Run stage ``name`` reading params ``sections`` (name -> dataclass) and the top-level keys ``top``.
+
+    ``model``: the model the stage trains or scores, as ``reports/metrics.json`` names it (``siglip``,
+    ``vqa``, ``captioner``, ``chat``): the namespace of its MLflow metric names.
 
     ``device``: the param (``siglip.train.device``) choosing the device of a stage that computes on
     one; the stage then joins torchrun's process group when launched by it. ``needs``: upstream
@@ -86,7 +96,7 @@ def stage(name: str, sections: Mapping[str, type], *, device: str | None = None,
     logged = {k: v for k, v in flatten({k: to_dict(getattr(p, k)) for k in sections}).items() if k not in unused}
     logged.update({k: getattr(p, k) for k in top})
     try:
-        with stage_run(name, logged, enabled=rank == 0) as run:
+        with stage_run(name, logged, enabled=rank == 0, model=model) as run:
             yield Stage(name, p, run, rank, world, dev)
         if rank == 0:
             logging.getLogger(name).info("%s done in %.0fs%s", name, time.perf_counter() - t0,

@@ -30,7 +30,9 @@ def report_all(e, *, run, eval_dir: Path, reports: Path, coco_root: Path, cifar_
     pictures = report.evaluation_reports(reports, metrics, evaluations["vqa"]["examples"],
                                          evaluations["captioner"]["examples"], e.gallery_images, coco_root,
                                          cifar_root, evaluations["chat"]["examples"])
-    run.log_metrics({k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))})
+    # Under the names the evaluation stages log them by (``vqa/accuracy``): one name per quantity.
+    run.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in flatten(m).items()
+                     if isinstance(v, (int, float))})
     for f in [reports / "metrics.json", *pictures]:
         run.log_artifact(f, "reports")
     s, v, c, ch = metrics["siglip"], metrics["vqa"], metrics["captioner"], metrics["chat"]

@@ -25,13 +25,22 @@ default's models, without a network):
   out explicitly so that MLflow does not load the model to infer them.
 
 The model version carries the run's tags ``stage``, ``git_commit`` (+ ``git_dirty``),
-``dvc_experiment`` and ``dvc_baseline_rev`` (under ``dvc exp run``), ``model_dir``, and the run
-id. Registration follows the run's failure policy (``vlmpipe/ops/tracking.py``): a store that is
+``dvc_experiment`` and ``dvc_baseline_rev`` (under ``dvc exp run``), ``model_dir``,
+``weights_sha256`` (of every file in the model folder), and the run id.
+
+The evaluation stage that scores a model finds the version of the weights it scored (by
+``weights_sha256``), tags it with the held-out metrics (``eval.<metric>``) and moves an alias:
+``champion`` when it beats the current champion on its headline metric (``HEADLINE``: R@1, VQA
+accuracy, CIDEr, chat exact match; higher is better), ``candidate`` otherwise. So
+``models:/vlmpipe-qa@champion`` is the best QA model trained in this store, whatever ran last.
+
+Registration follows the run's failure policy (``vlmpipe/ops/tracking.py``): a store that is
 down or refuses costs one warning, never the stage or its DVC outputs; with tracking off
 (``VLMPIPE_TRACKING=off``) nothing is logged.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -40,8 +49,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from vlmpipe.core.download import file_digest
 from vlmpipe.core.io import read_json
-from vlmpipe.ops.tracking import Run, one_line_error
+from vlmpipe.ops.tracking import Run, one_line_error, process_store
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,9 @@ PYFUNC_CODE = PACKAGE / "face" / "pyfunc_model.py"
 INFERENCE_PACKAGES = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "safetensors", "peft",
                       "bitsandbytes", "accelerate", "numpy", "pandas", "pillow", "tqdm")
 RUN_TAGS = ("stage", "git_commit", "git_dirty", "dvc_experiment", "dvc_baseline_rev")
+# Each kind's headline metric in its held-out evaluation (reports/eval/*.json): higher is better.
+HEADLINE = {"siglip": "i2t_r1", "qa": "accuracy", "captioner": "cider", "chat": "exact_match"}
+CHAMPION, CANDIDATE = "champion", "candidate"
 DESCRIPTIONS = {
     "siglip": "vlmpipe SigLIP image tower: image -> 512-d embedding (text -> embedding too)",
     "captioner": "vlmpipe captioner: image -> caption",
@@ -104,6 +117,7 @@ def _log_and_register(run: Run, kind: str, model_dir: Path):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tags = {k: v for k, v in client.get_run(run.run_id).data.tags.items() if k in RUN_TAGS}
     tags["model_dir"] = model_dir.as_posix()
+    tags["weights_sha256"] = weights_digest(model_dir)
     client.log_artifact(run.run_id, str(model_dir / CONFIG_FILE[kind]))
     name = registered_name(kind)
     logged = client.create_logged_model(run.experiment_id, name=kind, source_run_id=run.run_id, tags=tags)
@@ -136,10 +150,73 @@ def _log_and_register(run: Run, kind: str, model_dir: Path):
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run.run_id,
-                                          tags=tags, model_id=logged.model_id)
+    with process_store(run.tracking_uri):
+        version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run.run_id,
+                                              tags=tags, model_id=logged.model_id)
     log.info("registered %s version %s (models:/%s/%s)", name, version.version, name, version.version)
     return version
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """sha256 over a model folder: every file's path within it and its own sha256, in path order."""
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + file_digest(f, "sha256").encode() + b"\n")
+    return h.hexdigest()
+
+
+def score_version(run: Run, kind: str, model_dir: str | Path, metrics: dict):
+    """Tag the registered version of the weights in ``model_dir`` with its held-out ``metrics`` and move
+    ``champion`` to it when it beats the current champion on ``HEADLINE[kind]``, else ``candidate``.
+
+    Returns the alias set, or None when nothing was (tracking off, no version of these weights was
+    registered, or the store refused: one warning, never the stage).
+    """
+    if not run.active:
+        return None
+    name = registered_name(kind)
+    try:
+        return _score(run.client, kind, name, weights_digest(model_dir), metrics)
+    except Exception as e:  # noqa: BLE001 - the evaluation's outputs stand without the registry
+        log.warning("MLflow model %s: the evaluation was not recorded on its version (%s)", name, one_line_error(e))
+        return None
+
+
+def _score(client, kind: str, name: str, digest: str, metrics: dict):
+    from mlflow.exceptions import MlflowException
+
+    versions = client.search_model_versions(f"name = '{name}' and tag.weights_sha256 = '{digest}'")
+    if not versions:
+        log.info("MLflow model %s: no registered version holds these weights (trained with tracking off?); "
+                 "the evaluation is not recorded there", name)
+        return None
+    version = max(versions, key=lambda v: int(v.version))
+    headline = HEADLINE[kind]
+    score = float(metrics[headline])
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            client.set_model_version_tag(name, version.version, f"eval.{k}", repr(float(v)))
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        champion = None
+    best = champion.tags.get(f"eval.{headline}") if champion is not None else None
+    same = champion is not None and str(champion.version) == str(version.version)  # an int or a str, by call
+    if champion is None or same or best is None or score > float(best):
+        alias = CHAMPION
+    else:
+        alias = CANDIDATE
+    client.set_registered_model_alias(name, alias, version.version)
+    if alias == CHAMPION:
+        try:  # the new champion is no longer a candidate
+            if str(client.get_model_version_by_alias(name, CANDIDATE).version) == str(version.version):
+                client.delete_registered_model_alias(name, CANDIDATE)
+        except MlflowException:
+            pass
+    log.info("MLflow model %s version %s: %s %.4f (champion before: %s) -> @%s", name, version.version, headline,
+             score, "none" if best is None else f"version {champion.version}, {float(best):.4f}", alias)
+    return alias
 
 
 def _artifacts(kind: str, model_dir: Path) -> dict[str, str]:

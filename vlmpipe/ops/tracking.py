@@ -7,17 +7,32 @@ Every stage execution is one MLflow run in the ``vlmpipe`` experiment::
         run.log_metrics({"zero_shot_acc": 0.93})     # final
         run.log_artifact("reports/siglip/train_curve.csv")
 
-Tags: ``stage``, ``git_commit`` (+ ``git_dirty``) and, under ``dvc exp run``,
-``dvc_experiment`` (the experiment's name) and ``dvc_baseline_rev``. DVC
-exports ``DVC_EXP_NAME``, ``DVC_EXP_BASELINE_REV`` and ``DVC_ROOT`` to every
-stage command it runs for an experiment (workspace, ``--temp`` and queued runs
-alike, verified with dvc 3.67).
+Tags: ``stage``, ``git_commit`` (+ ``git_dirty``: the code differs from that
+commit; ``dvc.lock``, ``.dvc`` files, ``.gitignore`` files and ``params.yaml``
+are left out, DVC writes them between stages and the params are logged) and,
+under ``dvc exp run``, ``dvc_experiment`` (the experiment's name) and
+``dvc_baseline_rev``. DVC exports ``DVC_EXP_NAME``, ``DVC_EXP_BASELINE_REV`` and
+``DVC_ROOT`` to every stage command it runs for an experiment (workspace,
+``--temp`` and queued runs alike, verified with dvc 3.67).
+
+One parent run per DVC command: the stages that one ``dvc repro`` or ``dvc exp
+run`` (a queued experiment's run too) executes are nested under one run named
+after it (``dvc repro`` / the experiment's name), found by the ``dvc`` process
+that started them. A stage run by hand has no parent.
+
+Metric names carry the model they measure (``vqa/accuracy``,
+``chat/final/exact_match``, ``siglip/train/loss``) when the stage names one, so
+charts of different models never share a key. The experiment is tagged as model
+training, so the MLflow UI opens it on its runs.
 
 Where runs go: ``MLFLOW_TRACKING_URI`` if set (e.g. an MLflow server), else
 ``sqlite:///mlflow.db`` in the repository root (``$DVC_ROOT``, which points at
 the user's repository even when DVC runs the stage in a temporary experiment
 workspace; else the current directory), with artifacts in ``mlartifacts/``
-beside it. ``VLMPIPE_TRACKING=off`` switches tracking off.
+beside it. MLflow records artifact locations as absolute paths: when the
+checkout has been moved or copied, the first run re-points the store's
+locations at the ``mlartifacts/`` beside the database (one logged line).
+``VLMPIPE_TRACKING=off`` switches tracking off.
 
 Failure policy: if the tracking store is unreachable or refuses a call, ONE
 warning is logged and tracking is off for the rest of the process; the stage
@@ -43,6 +58,7 @@ import math
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -54,6 +70,10 @@ from typing import Any, Callable, Iterator, Mapping
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "vlmpipe"
+# What the MLflow UI opens an experiment on: its runs (model training), not the GenAI traces page.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The tag that names the DVC command a parent run stands for.
+INVOCATION_TAG = "dvc_invocation"
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 # Kept for callers that want the documented default spelled out.
@@ -150,6 +170,57 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(rest)
 
 
+@contextlib.contextmanager
+def process_store(uri: str) -> Iterator[None]:
+    """MLflow resolves a registered version's ``models:/`` source through the process's default store,
+    not the client's (mlflow 3.17, SqlAlchemyStore.create_model_version): make that ``uri`` meanwhile,
+    not a default store in whatever directory the stage runs in (a temporary experiment workspace)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+# MLflow's columns that hold an artifact location (mlflow 3.17's sqlite schema).
+_LOCATIONS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+              ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+
+
+def relocate(db: Path) -> None:
+    """Point the artifact locations of the store ``db`` at the ``mlartifacts/`` beside it, when they name
+    the one beside where the database used to be: a moved or copied checkout keeps its runs and models.
+    Stores of another layout (a location set by the user, a server) are left as they are."""
+    if not db.is_file():
+        return
+    new_root = db.resolve().parent
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+        try:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
+        except sqlite3.DatabaseError:  # not an MLflow store yet: MLflow creates its tables
+            return
+        if not row or not str(row[0]).startswith("file://"):
+            return
+        old_art = Path(urllib.parse.unquote(urllib.parse.urlparse(row[0]).path))
+        if old_art.name != DEFAULT_ARTIFACTS or old_art.parent == new_root:
+            return
+        old_root = old_art.parent
+        prefixes = ((old_root.as_uri() + "/", new_root.as_uri() + "/"), (f"{old_root}/", f"{new_root}/"))
+        with con:  # one transaction: every location or none
+            for table, col in _LOCATIONS:
+                for rowid, value in con.execute(f"SELECT rowid, {col} FROM {table}").fetchall():
+                    for old, new in prefixes:
+                        if isinstance(value, str) and value.startswith(old):
+                            con.execute(f"UPDATE {table} SET {col} = ? WHERE rowid = ?",
+                                        (new + value[len(old):], rowid))
+                            break
+    log.info("MLflow store %s: artifact locations moved from %s to %s (the checkout moved)", db, old_root, new_root)
+
+
 def tracking_enabled() -> bool:
     return os.environ.get("VLMPIPE_TRACKING", "on").strip().lower() not in ("0", "off", "false", "no")
 
@@ -166,9 +237,39 @@ def _git_commit() -> str | None:
     return _git("rev-parse", "HEAD") or None
 
 
+# Files DVC writes between stages (dvc.lock, .gitignore) or under `dvc exp run -S` (params.yaml, whose
+# values are logged as the run's params): a change to them is no change to the code.
+_DVC_WRITTEN = re.compile(r"(^|/)(dvc\.lock|params\.yaml|\.gitignore|[^/]*\.dvc)$")
+
+
 def _git_dirty() -> bool | None:
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return None if status is None else bool(status)
+    changed = _git("diff", "--name-only", "HEAD")  # tracked files, staged or not
+    if changed is None:
+        return None
+    return any(not _DVC_WRITTEN.search(p) for p in changed.splitlines() if p)
+
+
+def dvc_invocation() -> str | None:
+    """The ``dvc`` process running this stage (``dvc repro``, ``dvc exp run``, a queued experiment's
+    run) as ``pid-starttime``, or None when no DVC command started it. Read from /proc: DVC exports
+    no id of its own, and every stage of one command has that process as its nearest ``dvc`` ancestor.
+    """
+    if not os.environ.get("DVC_ROOT"):  # DVC sets it for every stage command
+        return None
+    pid = os.getppid()
+    for _ in range(16):
+        try:
+            argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state): ppid is [1], starttime [19]
+        if any(Path(a).name == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]:
+            return f"{pid}-{fields[19]}"
+        pid = int(fields[1])
+        if pid <= 1:
+            return None
+    return None
 
 
 def dvc_experiment_name() -> str | None:
@@ -240,10 +341,12 @@ class Run:
     Every call is a no-op once tracking is off.
     """
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, model: str | None = None) -> None:
         self.stage = stage
+        self.model = model  # the namespace of this run's metric names (None: as given)
         self.active = False
         self.run_id: str | None = None
+        self.parent_id: str | None = None
         self.experiment_id: str | None = None
         self.tracking_uri: str | None = None
         self._client = None
@@ -286,9 +389,15 @@ class Run:
         try:
             from mlflow.tracking import MlflowClient
 
+            db = _sqlite_path(uri)
+            if db is not None:
+                relocate(db)
             client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment_id(client, uri)
             all_tags = self._tags(tags)
+            self.parent_id = self._parent(client, all_tags)
+            if self.parent_id:
+                all_tags["mlflow.parentRunId"] = self.parent_id
             exp = all_tags.get("dvc_experiment")
             run = client.create_run(self.experiment_id, run_name=scrub(self.stage + (f"@{exp}" if exp else "")),
                                     tags=all_tags)
@@ -308,6 +417,9 @@ class Run:
     def _experiment_id(client, uri: str) -> str:
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is not None:
+            for k, v in EXPERIMENT_KIND.items():  # a store made before the kind was set
+                if exp.tags.get(k) != v:
+                    client.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         artifact_location = None
         db = _sqlite_path(uri)
@@ -316,12 +428,30 @@ class Run:
             # temporary experiment workspace, say) happened to create it.
             artifact_location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
         try:
-            return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+            return client.create_experiment(EXPERIMENT, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
         except Exception:  # noqa: BLE001 - another stage may have created it meanwhile
             exp = client.get_experiment_by_name(EXPERIMENT)
             if exp is None:
                 raise
             return exp.experiment_id
+
+    def _parent(self, client, tags: Mapping[str, str]) -> str | None:
+        """The run of the DVC command running this stage (created by its first stage), marked running."""
+        key = dvc_invocation()
+        if key is None:
+            return None
+        found = client.search_runs([self.experiment_id], filter_string=f"tags.{INVOCATION_TAG} = '{key}'",
+                                   max_results=1)
+        if found:
+            parent = found[0].info.run_id
+            client.update_run(parent, status="RUNNING")
+            return parent
+        exp = tags.get("dvc_experiment")
+        keep = {k: v for k, v in tags.items() if k.startswith("mlflow.") or k in
+                ("git_commit", "git_dirty", "dvc_experiment", "dvc_baseline_rev")}
+        run = client.create_run(self.experiment_id, run_name=scrub(exp or "dvc repro"),
+                                tags={**keep, INVOCATION_TAG: key})
+        return run.info.run_id
 
     def _tags(self, extra: Mapping[str, Any] | None) -> dict[str, str]:
         tags: dict[str, Any] = {}
@@ -350,6 +480,8 @@ class Run:
     def end(self, status: str = "FINISHED") -> None:
         if self.active:
             self._call("end_run", lambda: self._client.set_terminated(self.run_id, status=status))
+            if self.parent_id:  # the command's run ends with its latest stage (and fails with it)
+                self._call("end_run", lambda: self._client.set_terminated(self.parent_id, status=status))
         self.active = False
 
     # -- logging ----------------------------------------------------------
@@ -377,7 +509,8 @@ class Run:
                 continue
             if math.isnan(f):
                 log.debug("metric %s is NaN at step %s", k, step)
-            batch.append(Metric(_metric_key(k), f, ts, int(step or 0)))
+            key = f"{self.model}/{k}" if self.model else str(k)
+            batch.append(Metric(_metric_key(key), f, ts, int(step or 0)))
         if batch:
             self._call("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=batch))
 
@@ -406,14 +539,14 @@ class Run:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None,
-              tags: Mapping[str, Any] | None = None, enabled: bool = True) -> Iterator[Run]:
-    """``with stage_run("train_siglip", flat_params) as run: run.log_metrics(...)``.
+              tags: Mapping[str, Any] | None = None, enabled: bool = True, model: str | None = None) -> Iterator[Run]:
+    """``with stage_run("train_siglip", flat_params, model="siglip") as run: run.log_metrics(...)``.
 
-    ``enabled=False`` (non-zero DDP ranks) yields an inert run, as does
-    ``VLMPIPE_TRACKING=off``. The run ends FINISHED, FAILED (exception) or
-    KILLED (Ctrl-C); the exception itself always propagates.
+    ``model``: the namespace of the metric names (``siglip/train/loss``). ``enabled=False`` (non-zero
+    DDP ranks) yields an inert run, as does ``VLMPIPE_TRACKING=off``. The run ends FINISHED, FAILED
+    (exception) or KILLED (Ctrl-C); the exception itself always propagates.
     """
-    run = Run(stage)
+    run = Run(stage, model)
     if enabled and tracking_enabled():
         run.start(params, tags)
     try:
