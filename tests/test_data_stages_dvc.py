@@ -143,3 +143,39 @@ def test_a_user_csv_outside_inputs_is_refused_in_one_line(tmp_path):
     assert [x for x in r.stderr.splitlines() if x.startswith("error:")] == [
         "error: params.yaml: qa.csv_path: 'user_qa.csv' is outside inputs/data/: put it (or a link to it) there, "
         "so that DVC reruns what it feeds when it changes"]
+
+
+@pytest.mark.slow  # a queued experiment, run by DVC's queue worker
+@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="dvc is not installed in this environment")
+def test_a_queued_experiment_runs_the_library_it_was_queued_with(tmp_path):
+    """`dvc exp run --queue` snapshots the workspace and runs it later in a copy of the repository. The
+    workspace's library may change meanwhile (here it is broken outright); the experiment must run the
+    snapshot's own vlmpipe. PYTHONPATH names the workspace, as the editable install does in a user's
+    checkout: a stage command that let it win would import the broken package and fail."""
+    repo = _copy_repo(tmp_path / "repo", SMALL)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "test"],
+                ["git", "config", "user.email", "test@example.com"], ["git", "add", "-A"],
+                [*git, "commit", "-q", "-m", "copy"]):
+        assert _run(cmd, repo).returncode == 0
+    dvc = str(BIN / "dvc")
+    r = _run([dvc, "exp", "run", "--queue", "-n", "more-cifar", "-S", "cifar.synthetic_train_per_class=4",
+              "build_cifar_qa_csv"], repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+    init = repo / "vlmpipe/__init__.py"
+    init.write_text(init.read_text() + '\nraise RuntimeError("the workspace\'s vlmpipe was imported")\n')
+
+    r = _run([dvc, "exp", "run", "--run-all"], repo, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "the workspace's vlmpipe was imported" not in out
+    # The experiment ran in its own commit, with its own params; the workspace was left alone.
+    refs = [x for x in _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+            if x.endswith("/more-cifar")]
+    assert len(refs) == 1, refs
+    params = yaml.safe_load(_run(["git", "show", f"{refs[0]}:params.yaml"], repo).stdout)
+    assert params["cifar"]["synthetic_train_per_class"] == 4
+    lock = yaml.safe_load(_run(["git", "show", f"{refs[0]}:dvc.lock"], repo).stdout)["stages"]
+    assert lock["build_cifar_qa_csv"]["params"]["params.yaml"]["cifar"]["synthetic_train_per_class"] == 4
+    assert lock["build_cifar_qa_csv"]["outs"]
+    assert not (repo / "data").exists()

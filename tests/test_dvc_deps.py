@@ -79,7 +79,8 @@ def closure(*scripts: Path) -> set[str]:
 
 def cmd_closure(cmd: str) -> set[str]:
     """What a stage's command runs: its script, and the launcher when it goes through one."""
-    roots = [ROOT / cmd.split()[-1]]
+    last = cmd.split()[-1]  # `python -m stages.NAME`, or the launcher's `stages/NAME.py`
+    roots = [ROOT / (last if last.endswith(".py") else last.replace(".", "/") + ".py")]
     if "-m vlmpipe.loop.launch" in cmd:
         roots += sorted(_module_files("vlmpipe.loop.launch"))
     return closure(*roots)
@@ -193,6 +194,10 @@ def test_gpu_stages_run_through_the_launcher_and_record_its_counts(stage):
     launched = spec["cmd"].startswith("python -m vlmpipe.loop.launch stages/")
     counts = {"launch.nproc_per_node", "launch.nnodes"} <= set(spec.get("params", []))
     assert launched == counts == (stage in GPU_STAGES), (stage, spec["cmd"], spec.get("params"))
+    # `python -m` from the repository root: a queued or --temp experiment's copy imports its own vlmpipe
+    # (tests/test_data_stages_dvc.py runs one against a broken workspace library).
+    assert spec["cmd"] == (f"python -m vlmpipe.loop.launch stages/{stage}.py" if launched
+                           else f"python -m stages.{stage}"), spec["cmd"]
 
 
 def test_the_kubernetes_recipe_names_every_launched_stage():

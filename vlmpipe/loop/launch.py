@@ -5,7 +5,8 @@ dvc.yaml runs every GPU stage through this, so ``dvc exp run -S launch.nproc_per
 four GPUs, and ``launch.nproc_per_node`` / ``launch.nnodes`` are stage params that dvc.lock records.
 
 - 1 process on 1 machine (the default): the script replaces this process (``exec``), exactly as
-  ``python stages/STAGE.py`` would run; nothing of torch is imported here.
+  ``python stages/STAGE.py`` would run, with this checkout first on ``PYTHONPATH``; nothing of torch is
+  imported here.
 - N processes on 1 machine: torchrun (``torch.distributed.run``) with ``--standalone``.
 - M machines: this machine's torchrun joins a c10d rendezvous at ``launch.rdzv_endpoint`` (its id is
   the stage name), waiting at most ``launch.rdzv_timeout`` seconds for the endpoint and the other
@@ -32,6 +33,7 @@ from pathlib import Path
 from vlmpipe.core.errors import UserError, stage_entry
 from vlmpipe.core.params import LaunchParams, check_endpoint
 
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository this vlmpipe package sits in
 
 
 def _route_source(host: str, port: int) -> str | None:
@@ -136,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if launch.nnodes > 1:
             check_endpoint(a.rdzv_endpoint, "--rdzv-endpoint")
         launch = LaunchParams(**{**vars(launch), "rdzv_endpoint": a.rdzv_endpoint})
+    # The stage's processes import the vlmpipe this launcher came from (the checkout DVC runs in, put
+    # first on sys.path by `python -m`), not the editable install's: a queued or --temp experiment
+    # runs in a copy of the repository and must run the copy's code.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
     if launch.world_size == 1:
         os.execv(sys.executable, [sys.executable, a.script, *a.args])
     if launch.nnodes > 1 and launch.fanout == "srun" and not a.node:
