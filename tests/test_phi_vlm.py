@@ -412,3 +412,32 @@ def test_cli_ask_takes_any_text_and_answers_in_one_line(cli_model):
         r = _cli(str(image), question, "--history", "a,b\nc", "=1+1", "--model", str(root / "phi2_vlm"))
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("\n") == 1 and r.stdout.endswith("\n")
+
+
+# bitsandbytes' CPU back end imported as on a CPU with AVX512-BF16 (the check is replaced, the module
+# re-run): there it tries the Hub's `kernels` package and warns. LOGGING sets up the process's log.
+_AVX512_BF16_IMPORT = """
+import importlib, logging
+{logging}
+import bitsandbytes.functional as F
+import bitsandbytes.backends.cpu.ops as ops
+F.has_avx512bf16 = lambda: True
+importlib.reload(ops)
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes warning")
+"""
+
+
+def test_the_bitsandbytes_kernel_warning_stays_out_of_the_log():
+    """Every QA stage, `ask` and `serve` printed bitsandbytes' "Failed to load CPU gemm_4bit_forward from
+    kernels-community" on AVX512-BF16 CPUs: nothing the user can act on (the fallback is bitsandbytes'
+    own kernel, which every other CPU runs). The project's logging drops that message and only it."""
+    def run(setup: str) -> str:
+        r = subprocess.run([sys.executable, "-c", _AVX512_BF16_IMPORT.format(logging=setup)], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stderr
+
+    plain = run("logging.basicConfig()")
+    assert "kernels-community" in plain and "another bitsandbytes warning" in plain  # the replay warns
+    ours = run("from vlmpipe.core.errors import setup_logging; setup_logging()")
+    assert "kernels-community" not in ours and "another bitsandbytes warning" in ours, ours[-2000:]

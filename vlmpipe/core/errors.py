@@ -36,6 +36,24 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+class _Without(logging.Filter):
+    """Drops the records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# Warnings that say nothing the user can act on, by logger. bitsandbytes 0.50, imported on a CPU with
+# AVX512-BF16, tries to fetch a 4-bit kernel from the Hugging Face Hub (the `kernels` package, which
+# downloads code and is not installed) and warns in every process that it uses its own torch kernel,
+# the one every other CPU runs.
+QUIET = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level,
@@ -46,6 +64,10 @@ def setup_logging(level: int = logging.INFO) -> None:
     # Third-party libraries are chatty at INFO; keep the stage's own log readable.
     for noisy in ("urllib3", "botocore", "filelock", "httpx", "alembic", "mlflow", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name, text in QUIET.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Without) and f.text == text for f in logger.filters):
+            logger.addFilter(_Without(text))
 
 
 def stage_entry(fn: Callable[..., object]) -> Callable[..., int]:
