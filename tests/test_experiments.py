@@ -229,7 +229,8 @@ def test_plots_draw_offline_in_a_browser(experiment, tiny_repo, tmp_path):
                 state = driver.execute_script(
                     "return [...document.querySelectorAll('body > div[id]')]"
                     ".map(d => [d.id, !!d.querySelector('canvas, svg.marks')])")
-                if (state and all(drawn for _, drawn in state)) or time.monotonic() > deadline:
+                # The page adds its charts one by one: done when every plot has one, drawn.
+                if (len(state) == len(titled) and all(drawn for _, drawn in state)) or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
         assert len(state) == len(titled), state
