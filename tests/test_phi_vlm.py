@@ -427,6 +427,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes
 """
 
 
+@pytest.mark.slow  # two processes importing torch and bitsandbytes
 def test_the_bitsandbytes_kernel_warning_stays_out_of_the_log():
     """Every QA stage, `ask` and `serve` printed bitsandbytes' "Failed to load CPU gemm_4bit_forward from
     kernels-community" on AVX512-BF16 CPUs: nothing the user can act on (the fallback is bitsandbytes'

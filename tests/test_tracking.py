@@ -196,6 +196,7 @@ _STAGE = ("from vlmpipe.ops import tracking\n"
           "    run.log_metrics({{'loss': 1.0}})\n")
 
 
+@pytest.mark.slow  # four stage processes under two stand-in dvc commands
 def test_the_stages_of_one_dvc_command_nest_under_one_parent_run(env, tmp_path):
     """Two commands, two stages each: each command's stages sit under one parent run of their own, which
     ends with its last stage. A stage run by hand (no DVC around it) has no parent."""
