@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +19,8 @@ class FileServer:
     """
 
     def __init__(self) -> None:
+        # Each file is served with an ETag (its sha1), and a Range request whose If-Range names
+        # another one is answered 200 with the whole file, as HTTP servers do.
         self.files: dict[str, bytes] = {}
         self.drop_once: set[str] = set()
         self.drop_always: set[str] = set()
@@ -46,7 +49,10 @@ class FileServer:
                     self.send_error(404)
                     return
                 start = 0
-                if rng and path in server.wrong_range:
+                etag = '"%s"' % hashlib.sha1(data).hexdigest()
+                # The file changed since the partial download (If-Range names another ETag): whole.
+                changed = self.headers.get("If-Range") not in (None, etag)
+                if rng and path in server.wrong_range and not changed:
                     server.log.append((path, rng, 206))
                     self.send_response(206)
                     self.send_header("Content-Length", str(len(data)))
@@ -54,7 +60,7 @@ class FileServer:
                     self.end_headers()
                     self.wfile.write(data)
                     return
-                if rng and path not in server.ignore_range:
+                if rng and path not in server.ignore_range and not changed:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(data):
                         server.log.append((path, rng, 416))
@@ -65,6 +71,7 @@ class FileServer:
                 server.log.append((path, rng, status))
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", etag)
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()

@@ -224,6 +224,32 @@ def test_cifar_from_params_mirror_local_copy_and_their_mistakes(tmp_path, tiny_c
     assert tarball.read_bytes() == data  # the user's file is never deleted
 
 
+def test_a_downloaded_file_that_is_not_the_archive_names_itself_for_deletion(tmp_path, tiny_cifar, file_server):
+    """A mirror (cifar.verify: false, so no checksum) served another archive: the download is complete by
+    every check it had, is kept, and every rerun fails the same way. The line says which file to delete;
+    deleted, the next run downloads it again."""
+    from vlmpipe.sources.params import CifarParams
+
+    wrong = io.BytesIO()
+    with tarfile.open(fileobj=wrong, mode="w:gz") as tf:
+        tf.add(tiny_cifar / "cifar-10-batches-py" / "data_batch_1", arcname="cifar-10-batches-py/data_batch_1")
+    right = io.BytesIO()
+    with tarfile.open(fileobj=right, mode="w:gz") as tf:
+        tf.add(tiny_cifar / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    file_server.files["/m/cifar-10-python.tar.gz"] = wrong.getvalue()
+    params = CifarParams(source="cifar10", url=file_server.url("/m/cifar-10-python.tar.gz"), verify=False)
+    kept = tmp_path / "dl" / "cifar-10-python.tar.gz"
+    for _ in range(2):
+        with pytest.raises(UserError) as e:
+            cifar_source.build(params, 0, tmp_path / "a", download_dir=tmp_path / "dl")
+        assert str(e.value).endswith(f"; delete {kept} to download it again"), str(e.value)
+        assert "not a CIFAR-10 python archive" in str(e.value) and "\n" not in str(e.value)
+    file_server.files["/m/cifar-10-python.tar.gz"] = right.getvalue()
+    kept.unlink()
+    cifar_source.build(params, 0, tmp_path / "b", download_dir=tmp_path / "dl")
+    assert (tmp_path / "b" / "cifar-10-batches-py" / "test_batch").exists()
+
+
 # --- COCO ------------------------------------------------------------------------
 
 
@@ -345,11 +371,23 @@ def test_coco_from_params_mirror_local_copy_and_their_mistakes(tmp_path, file_se
     # A mirror serving other bytes than the published archives, as said with verify: false.
     assert coco_source.build(CocoParams(source="coco2017", url=mirror, verify=False), 0, tmp_path / "a",
                       download_dir=tmp_path / "dl") == {"train": 4, "val": 2}
-    # A folder the user filled: used in place, nothing downloaded, nothing changed.
+    # A folder the user filled: used in place, nothing downloaded, nothing changed. Its whole archives
+    # are copied, never linked: the user's files keep their link count and mode, and a later append
+    # to one (`curl -C -`) leaves the output, which DVC caches by linking, as it was.
     n = len(file_server.log)
+    stats = {f.name: (f.stat().st_nlink, f.stat().st_mode) for f in src.iterdir()}
     assert coco_source.build(CocoParams(source="coco2017", local_dir=str(src), verify=False), 0, tmp_path / "b") == \
         {"train": 4, "val": 2}
     assert len(file_server.log) == n and {f.name: f.read_bytes() for f in src.iterdir()} == before
+    assert {f.name: (f.stat().st_nlink, f.stat().st_mode) for f in src.iterdir()} == stats
+    whole = [f for f in ("train2017.zip", "val2017.zip") if (tmp_path / "b" / f).read_bytes() == before[f]]
+    assert whole, "no archive was kept whole: the copy-or-link path was not taken"
+    out_bytes = {f: (tmp_path / "b" / f).read_bytes() for f in whole}
+    for f in whole:
+        with open(src / f, "ab") as fh:
+            fh.write(b"appended later")
+        assert (tmp_path / "b" / f).read_bytes() == out_bytes[f]
+        (src / f).write_bytes(before[f])
     cases = [
         # the published md5/size checked against a mirror that serves other bytes
         (CocoParams(source="coco2017", url=mirror), r"^coco\.url: .*annotations_trainval2017\.zip: size mismatch "

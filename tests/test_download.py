@@ -35,21 +35,67 @@ def test_dropped_connection_resumes_to_identical_file(tmp_path, file_server):
     assert rng == f"bytes={len(PAYLOAD) // 2}-"  # resumed where the drop happened
 
 
+def _interrupted(dest, server, path="/f.bin") -> int:
+    """A download of ``path`` to ``dest`` cut halfway, as a run killed mid-download leaves it: the
+    partial file and its record. Returns the partial's length; the server's log is cleared."""
+    server.drop_always.add(path)
+    with pytest.raises(UserError, match="rerun to resume"):
+        _get(dest, server, path, retries=0)
+    server.drop_always.discard(path)
+    server.log.clear()
+    part = dest.with_name(dest.name + ".part")
+    assert part.exists() and dest.with_name(dest.name + ".part.source").exists()
+    return part.stat().st_size
+
+
 def test_existing_partial_is_resumed(tmp_path, file_server):
     file_server.files["/f.bin"] = PAYLOAD
-    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:1000])
+    half = _interrupted(tmp_path / "f.bin", file_server)
     dest = _get(tmp_path / "f.bin", file_server, md5=MD5)
     assert dest.read_bytes() == PAYLOAD
-    assert file_server.log == [("/f.bin", "bytes=1000-", 206)]
+    assert file_server.log == [("/f.bin", f"bytes={half}-", 206)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]  # the record went with the partial
 
 
 def test_server_ignoring_range_restarts_from_zero(tmp_path, file_server):
     file_server.files["/f.bin"] = PAYLOAD
+    half = _interrupted(tmp_path / "f.bin", file_server)
     file_server.ignore_range.add("/f.bin")
-    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:1000])
     dest = _get(tmp_path / "f.bin", file_server, md5=MD5)
     assert dest.read_bytes() == PAYLOAD
-    assert file_server.log == [("/f.bin", "bytes=1000-", 200)]
+    assert file_server.log == [("/f.bin", f"bytes={half}-", 200)]
+
+
+def test_a_partial_of_unknown_origin_is_discarded(tmp_path, file_server, caplog):
+    """A `.part` nothing records the source of (another program's, an older version's, another
+    mirror's) is never completed with this server's bytes: it is discarded with a warning."""
+    file_server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(os.urandom(1000))
+    with caplog.at_level("WARNING"):
+        dest = _get(tmp_path / "f.bin", file_server)  # no size or checksum to catch a splice
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.log == [("/f.bin", None, 200)]
+    assert any("no record of where it came from" in r.getMessage() for r in caplog.records)
+
+
+def test_a_partial_of_another_url_is_discarded(tmp_path, file_server):
+    file_server.files["/old/f.bin"] = PAYLOAD[::-1]
+    file_server.files["/new/f.bin"] = PAYLOAD
+    _interrupted(tmp_path / "f.bin", file_server, "/old/f.bin")
+    dest = _get(tmp_path / "f.bin", file_server, "/new/f.bin")
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.log == [("/new/f.bin", None, 200)]
+
+
+def test_a_file_changed_on_the_server_since_the_partial_is_fetched_whole(tmp_path, file_server):
+    """Resuming asks for the rest of the same file (If-Range, the ETag recorded with the partial): a
+    file replaced on the server since is sent whole, not spliced onto the old half."""
+    file_server.files["/f.bin"] = PAYLOAD[::-1]  # same size, other bytes
+    half = _interrupted(tmp_path / "f.bin", file_server)
+    file_server.files["/f.bin"] = PAYLOAD
+    dest = _get(tmp_path / "f.bin", file_server)
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.log == [("/f.bin", f"bytes={half}-", 200)]
 
 
 def test_checksum_mismatch_fails_and_leaves_nothing(tmp_path, file_server):
@@ -71,7 +117,8 @@ def test_size_mismatch_fails_and_leaves_nothing(tmp_path, file_server):
 
 def test_corrupt_partial_is_caught_by_checksum(tmp_path, file_server):
     file_server.files["/f.bin"] = PAYLOAD
-    (tmp_path / "f.bin.part").write_bytes(b"x" * 1000)  # wrong bytes from an earlier run
+    half = _interrupted(tmp_path / "f.bin", file_server)
+    (tmp_path / "f.bin.part").write_bytes(b"x" * half)  # damaged on disk since
     with pytest.raises(UserError, match="md5 mismatch"):
         _get(tmp_path / "f.bin", file_server, md5=MD5)
     assert list(tmp_path.iterdir()) == []
@@ -132,8 +179,8 @@ def test_a_range_answered_from_another_offset_is_never_appended(tmp_path, file_s
     """No size known: a 206 whose Content-Range does not start where the partial ends restarts
     from byte 0 instead of appending (it used to give a longer file, logged as verified)."""
     file_server.files["/f.bin"] = PAYLOAD
+    _interrupted(tmp_path / "f.bin", file_server)
     file_server.wrong_range.add("/f.bin")
-    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:1000])
     dest = _get(tmp_path / "f.bin", file_server)
     assert dest.read_bytes() == PAYLOAD
     assert [s for _, _, s in file_server.log] == [206, 200]

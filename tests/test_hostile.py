@@ -306,6 +306,11 @@ def test_misbehaving_servers_never_leave_a_wrong_file(tmp_path, file_server, mod
     payload = np.random.default_rng(1).bytes(300_000)
     path = "/f.bin"
     file_server.files[path] = payload
+    dest = tmp_path / "f.bin"
+    file_server.drop_always.add(path)  # a partial (and its record) from an earlier, interrupted run
+    with pytest.raises(UserError):
+        download(file_server.url(path), dest, retries=0, backoff=0)
+    file_server.drop_always.discard(path)
     if mode == "truncate_always":
         file_server.drop_always.add(path)
     elif mode == "wrong_range":
@@ -318,8 +323,6 @@ def test_misbehaving_servers_never_leave_a_wrong_file(tmp_path, file_server, mod
         file_server.status[path] = 500
     elif mode == "short_length":
         file_server.files[path] = payload[:-100]
-    dest = tmp_path / "f.bin"
-    (tmp_path / "f.bin.part").write_bytes(payload[:1000])  # a partial from an earlier run
     try:
         download(file_server.url(path), dest, md5=hashlib.md5(payload).hexdigest(), retries=2, backoff=0)
     except UserError as e:

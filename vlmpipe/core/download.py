@@ -3,9 +3,15 @@
 ``download(url, dest, size=..., md5=...)`` is used for every download in the
 project (COCO, CIFAR-10, hub weights):
 
-- streams to ``<dest>.part`` with a tqdm bar;
+- streams to ``<dest>.part`` with a tqdm bar, and records beside it where the
+  bytes came from (``<dest>.part.source``: the URL's hash, the size, ETag and
+  Last-Modified);
 - a dropped connection is resumed with an HTTP ``Range`` request (the server
-  answers 206); a server that ignores ``Range`` (200) restarts from byte 0;
+  answers 206) and ``If-Range``: a file that changed on the server since is
+  sent whole (200) and restarts from byte 0, as does a server that ignores
+  ``Range``. A partial file from another URL, of another size, or with no
+  record (another program's, an older version's) is discarded with a warning,
+  never completed with this server's bytes;
 - transient failures (connection errors, timeouts, 5xx) are retried with
   exponential backoff; 4xx is a user error at once;
 - size and checksums are verified when known; only then is the partial file
@@ -192,6 +198,7 @@ def download(
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
+    source = _source_file(part)
     checksums = {k: v for k, v in (("md5", md5), ("sha1", sha1), ("sha256", sha256)) if v}
     dest.parent.mkdir(parents=True, exist_ok=True)
     shown = safe_url(url)
@@ -208,6 +215,14 @@ def download(
             return dest
         raise UserError(f"{where}{problem}: it is not the file {shown} serves; move it away to download it again"
                         + (f", or {hint}" if hint else ""))
+
+    if part.exists():
+        record = _read_source(part)
+        if record is None or record.get("url") != _url_id(url):
+            log.warning("%s: a partial download %s; starting over", part,
+                        "of another URL" if record else "with no record of where it came from")
+            part.unlink()
+            source.unlink(missing_ok=True)
 
     failures, received = 0, False
     while True:
@@ -243,14 +258,40 @@ def download(
         # Our own partial download is wrong: it must not survive under any name that could pass
         # for the real file; the next run starts from scratch.
         part.unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
         raise UserError(f"{where}{problem} (from {shown})")
     os.replace(part, dest)
+    source.unlink(missing_ok=True)
     _remember_verified(dest, checksums)
     log.info("%s: downloaded and verified (%d bytes)", dest, dest.stat().st_size)
     return dest
 
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+def _source_file(part: Path) -> Path:
+    return part.with_name(part.name + ".source")
+
+
+def _url_id(url: str) -> str:
+    # A hash: the URL may carry credentials, which must not be written to disk.
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def _read_source(part: Path) -> dict | None:
+    """Where the bytes of ``part`` came from, or None when nothing (readable) says so."""
+    try:
+        record = json.loads(_source_file(part).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_source(part: Path, url: str, total: int | None, headers) -> None:
+    record = {"url": _url_id(url), "size": total, "etag": headers.get("ETag"),
+              "last_modified": headers.get("Last-Modified")}
+    _source_file(part).write_text(json.dumps(record))
 
 
 def _fetch(url: str, part: Path, size: int | None, timeout: float, name: str) -> None:
@@ -262,8 +303,13 @@ def _fetch(url: str, part: Path, size: int | None, timeout: float, name: str) ->
         part.unlink()
         start = 0
     headers = {"User-Agent": USER_AGENT}
+    record = _read_source(part) if start else None
     if start:
         headers["Range"] = f"bytes={start}-"
+        # The rest of the same file, or all of it if it changed since (the server answers 200).
+        validator = record and (record.get("etag") or record.get("last_modified"))
+        if validator:
+            headers["If-Range"] = validator
     req = urllib.request.Request(url, headers=headers)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
@@ -281,10 +327,11 @@ def _fetch(url: str, part: Path, size: int | None, timeout: float, name: str) ->
             log.info("%s: server ignored the range request; restarting from byte 0", name)
             start = 0
         elif start:
-            # A 206 must continue exactly where the partial file ends; bytes for another offset
-            # appended here would make a file of the right kind and the wrong content.
+            # A 206 must continue exactly where the partial file ends, in a file of the recorded size;
+            # other bytes appended here would make a file of the right kind and the wrong content.
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
-            if not m or int(m.group(1)) != start:
+            recorded = record.get("size") if record else None
+            if not m or int(m.group(1)) != start or (recorded and m.group(3) != str(recorded)):
                 part.unlink(missing_ok=True)
                 raise _Dropped(f"server answered the range request from byte {start} with "
                                f"{resp.headers.get('Content-Range')!r}; restarting from byte 0")
@@ -294,6 +341,8 @@ def _fetch(url: str, part: Path, size: int | None, timeout: float, name: str) ->
         if size is not None and total is not None and total != size:
             part.unlink(missing_ok=True)  # not the file we expect: do not resume it later
             raise UserError(f"{name}: size mismatch (expected {size} bytes, server announces {total})")
+        if not start:
+            _write_source(part, url, total, resp.headers)
         mode = "ab" if start else "wb"
         with open(part, mode) as f, tqdm(
             total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,

@@ -99,10 +99,17 @@ def ingest_official(root: str | os.PathLike, download_dir: str | os.PathLike | N
         tarball = download(url, download_dir / "cifar-10-python.tar.gz", md5=md5, size=size, key=key,
                            hint=f"put cifar-10-python.tar.gz in {download_dir}, set cifar.local_path to a copy "
                                 "of it, or cifar.url to a mirror")
-    safe_extract(tarball, root)
-    missing = [f for f in (*TRAIN_BATCHES, TEST_BATCH, META) if not (Path(root) / BATCH_DIR / f).exists()]
-    if missing:
-        raise UserError(f"{tarball}: not a CIFAR-10 python archive (no {BATCH_DIR}/{missing[0]})")
+    try:
+        safe_extract(tarball, root)
+        missing = [f for f in (*TRAIN_BATCHES, TEST_BATCH, META) if not (Path(root) / BATCH_DIR / f).exists()]
+        if missing:
+            raise UserError(f"{tarball}: not a CIFAR-10 python archive (no {BATCH_DIR}/{missing[0]})")
+    except UserError as e:
+        if local_path:
+            raise
+        # A download that passed every check it had (none, with cifar.verify: false) but is not the
+        # archive: it stays where it is, and each rerun would fail the same way.
+        raise UserError(f"{e}; delete {tarball} to download it again") from None
 
 
 def build(params, seed: int, root: str | os.PathLike, download_dir: str | os.PathLike | None = None) -> None:

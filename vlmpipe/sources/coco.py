@@ -141,16 +141,23 @@ def select_subset(ids: list[int], max_images: int, seed: int, split: str) -> lis
     return sorted(ids[i] for i in rng.choice(len(ids), size=max_images, replace=False))
 
 
-def _copy_images(src_zip: Path, dst_zip: Path, members: list[str]) -> None:
+def _copy_images(src_zip: Path, dst_zip: Path, members: list[str], link: bool) -> None:
     with open_zip(src_zip) as zin:
         files = {i.filename for i in zin.infolist() if not i.is_dir()}
         missing = [m for m in members if m not in files]
         if missing:
             raise UserError(f"{src_zip}: missing member {missing[0]} ({len(missing)} images of the caption file are not in the archive)")
         if files == set(members):
-            # Everything is kept: reuse the archive as is. A hard link costs nothing, and with the
-            # repository's DVC cache type (reflink,hardlink,copy) the cache links the same inode,
-            # so download folder, workspace and cache hold one copy. Across filesystems: a copy.
+            # Everything is kept: reuse the archive as is. An archive of ours (the download folder)
+            # is hard-linked: with the repository's DVC cache type (hardlink,copy) the cache links the
+            # same inode, so download folder, workspace and cache hold one copy. A user's file is
+            # copied, never linked: DVC would make it read-only, and a later write to it (an append
+            # by `curl -C -` or `rsync --inplace`) would change the cached object under DVC.
+            if not link:
+                log.info("%s: copying %.1f GB into %s (a coco.local_dir file is never linked)", src_zip,
+                         src_zip.stat().st_size / 1e9, dst_zip.parent)
+                shutil.copyfile(src_zip, dst_zip)
+                return
             try:
                 os.link(src_zip, dst_zip)
             except OSError as e:
@@ -169,8 +176,12 @@ def _copy_images(src_zip: Path, dst_zip: Path, members: list[str]) -> None:
                 _zip_write(zout, name, data)
 
 
-def ingest(src: str | os.PathLike, out: str | os.PathLike, max_images: int, seed: int) -> dict[str, int]:
-    """Write the output folder from an official-format source folder; return images per split."""
+def ingest(src: str | os.PathLike, out: str | os.PathLike, max_images: int, seed: int, *,
+           link: bool = True) -> dict[str, int]:
+    """Write the output folder from an official-format source folder; return images per split.
+
+    ``link``: the source's archives are the project's own (downloaded or generated) and may be
+    hard-linked into ``out``; False for the user's files, which are only read."""
     src, out = Path(src), Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -196,7 +207,7 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, max_images: int, seed
         }
         (out / captions_member(split)).write_text(json.dumps(subset), encoding="utf-8")
         _copy_images(src / f"{split}2017.zip", out / f"{split}2017.zip",
-                     [image_member(split, images[i]["file_name"]) for i in keep])
+                     [image_member(split, images[i]["file_name"]) for i in keep], link)
         counts[split] = len(keep)
         log.info("coco %s: %d images, %d captions", split, len(keep), len(subset["annotations"]))
     return counts
@@ -210,4 +221,13 @@ def build(params, seed: int, out: str | os.PathLike, download_dir: str | os.Path
         with tempfile.TemporaryDirectory(prefix=".coco-src.", dir=out.parent) as tmp:
             write_synthetic_source(tmp, params.synthetic_train_images, params.synthetic_val_images, params.image_size, seed)
             return ingest(tmp, out, params.max_images, seed)
-    return ingest(source_folder(params, download_dir), out, params.max_images, seed)
+    src = source_folder(params, download_dir)
+    try:
+        return ingest(src, out, params.max_images, seed, link=not params.local_dir)
+    except UserError as e:
+        if params.local_dir:
+            raise
+        # Downloaded archives that passed every check they had (none, with coco.verify: false) but do
+        # not read: they stay where they are, and each rerun would fail the same way.
+        raise UserError(f"{e}; the archives were downloaded to {src}: delete the one named to download "
+                        "it again") from None
