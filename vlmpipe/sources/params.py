@@ -97,6 +97,9 @@ class ConversationsParams:
     heldout_fraction: float = 0.02
     # Keep at most this many training conversations (a seeded subset); 0 keeps all.
     max_conversations: int = 0
+    # Conversations without an image (LLaVA-1.5's mix holds ShareGPT's): "skip" drops and counts them;
+    # "train" trains them as text-only turns (the LM attends to no image prefix; never held out).
+    text_only: str = "skip"
 
     def validate(self, key: str) -> None:
         check(self.source in ("synthetic", "llava_instruct_150k"), f"{key}.source",
@@ -107,3 +110,5 @@ class ConversationsParams:
         check_url(self.url, f"{key}.url")
         check(0 < self.heldout_fraction < 1, f"{key}.heldout_fraction", "must be in (0, 1)")
         check(self.max_conversations >= 0, f"{key}.max_conversations", "must be >= 0")
+        check(self.text_only in ("skip", "train"), f"{key}.text_only",
+              f"must be 'skip' or 'train', got {self.text_only!r}")
