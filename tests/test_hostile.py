@@ -293,6 +293,67 @@ def test_images_mutated_bytewise(tmp_path, fmt):
     assert one_line(e) == f"{tmp_path}: a folder, not an image file"
 
 
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A 128×96 JPEG whose frame header says ``width``×``height``: Pillow decodes it without an error,
+    the missing pixels grey."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_jpeg_whose_header_claims_more_than_its_data_is_refused_everywhere(tmp_path, tiny_coco):
+    """A JPEG whose header claims 6000×6000 but holds 128×96 of data used to be decoded with grey fill and
+    captioned without a word. The CLI's file, the demo's upload, the pyfunc's row and a COCO member in the
+    data stages all refuse it in one line naming it; a complete large flat JPEG still reads."""
+    import base64
+    import shutil
+    import zipfile
+
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    from vlmpipe.data.coco import CocoCaptions
+    from vlmpipe.face import serve
+    from vlmpipe.face.images import read_image
+    from vlmpipe.face.pyfunc_model import read_images
+
+    data = _jpeg_claiming(6000, 6000)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # Pillow alone: no error
+        assert im.size == (6000, 6000)
+    f = tmp_path / "photo.jpg"
+    f.write_bytes(data)
+    want = "truncated JPEG (its header says 6000×6000 pixels"
+    for call, name in ((lambda: read_image(f), str(f)), (lambda: serve.decode_image(data), "the upload")):
+        with pytest.raises(UserError) as e:
+            call()
+        assert one_line(e.value, name).startswith(f"{name}: {want}"), str(e.value)
+    with pytest.raises(MlflowException) as e:  # the pyfunc's way to say "bad input" (HTTP 400 when served)
+        read_images([base64.b64encode(data).decode()])
+    assert e.value.message.startswith(f"image in row 0: {want}"), e.value.message
+
+    root = tmp_path / "coco"
+    shutil.copytree(tiny_coco, root)
+    val = CocoCaptions(root, "val")
+    member = val.member(val.ids[0])
+    with zipfile.ZipFile(tiny_coco / "val2017.zip") as zin, zipfile.ZipFile(root / "val2017.zip", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, data if info.filename == member else zin.read(info))
+    with pytest.raises(UserError) as e:
+        CocoCaptions(root, "val").image(val.ids[0])
+    assert one_line(e.value).startswith(f"{root / 'val2017.zip'}: member {member}: {want}"), str(e.value)
+
+    flat = io.BytesIO()
+    Image.new("RGB", (2000, 1500), (128, 128, 128)).save(flat, "JPEG", progressive=True, optimize=True, quality=1)
+    (tmp_path / "flat.jpg").write_bytes(flat.getvalue())
+    assert read_image(tmp_path / "flat.jpg").size == (2000, 1500)
+
+
 # ------------------------------------------------------------------ misbehaving servers
 
 @pytest.mark.parametrize("mode", ["truncate_always", "wrong_range", "ignore_range", "status_500", "status_404",

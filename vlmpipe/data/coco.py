@@ -11,7 +11,6 @@ push/pull take hours, a few large archives do not.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import zipfile
@@ -24,6 +23,7 @@ from PIL import Image
 
 from vlmpipe.core.download import open_zip
 from vlmpipe.core.errors import UserError
+from vlmpipe.core.images import decode_image
 
 SPLITS = ("train", "val")
 
@@ -127,14 +127,14 @@ class CocoCaptions:
         zf = self._archive()
         check_member_size(zf, self.archive, name, MAX_IMAGE_BYTES)
         try:
-            data = zf.read(name)
-            img = Image.open(io.BytesIO(data))
-            img.load()  # decode now: a truncated file fails here, not later in a worker
-            return img.convert("RGB")
+            data = zf.read(name)  # checks the member's CRC
         except KeyError:
             raise UserError(f"{self.archive}: missing member {name}") from None
-        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, Image.DecompressionBombError) as e:
-            raise UserError(f"{self.archive}: member {name}: corrupt or truncated image ({e})") from None
+        except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise UserError(f"{self.archive}: member {name} is corrupt ({e})") from None
+        # Decoded now, through the project's one image decoder: a truncated file fails here, not later in
+        # a worker, and in the same words as in the CLI.
+        return decode_image(data, f"{self.archive}: member {name}")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

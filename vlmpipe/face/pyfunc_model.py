@@ -41,7 +41,7 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 from vlmpipe.core.errors import UserError, one_line
-from vlmpipe.face.images import decode_image
+from vlmpipe.core.images import decode_image
 
 # The models and the CLI back end are imported in load_context, not here: MLflow runs this file
 # once when a training stage logs the model, and importing them there cost the stage ~2 s.

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from vlmpipe.core.errors import UserError
-from vlmpipe.face import images
+from vlmpipe.core.images import decode_image as decode_image_bytes
 
 log = logging.getLogger("vlmpipe.face.serve")
 
@@ -59,7 +59,7 @@ DIALOGUE_MODELS = ("chat", "qa")
 
 def decode_image(data: bytes):
     """An RGB PIL image from an upload's bytes, within the demo's limits, or a one-line ``UserError``."""
-    return images.decode_image(data, "the upload", MAX_UPLOAD_BYTES, MAX_PIXELS)
+    return decode_image_bytes(data, "the upload", MAX_UPLOAD_BYTES, MAX_PIXELS)
 
 
 @dataclass
