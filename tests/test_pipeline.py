@@ -1,7 +1,9 @@
 """The whole DAG, once, on the tiny preset: every stage runs, every model beats its baseline."""
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import pytest
 
@@ -103,26 +105,51 @@ def test_editing_output_neutral_code_leaves_the_dag_clean_and_a_template_reruns_
     assert sorted(_status(repo, env)) == ["evaluate_qa", "prepare_qa_base", "train_phi2_qlora"]
 
 
+TRAINING_STAGES = ["train_siglip", "train_phi2_qlora", "train_gpt2_captioner", "train_gpt2_chat"]
+
+
+def _output_digests(repo, stages) -> dict:
+    """sha256 of every file the ``stages`` output (checkpoints and speed files aside: they record wall time)."""
+    import hashlib
+
+    import yaml
+
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for s in stages
+            for o in spec[s].get("outs", []) + spec[s].get("metrics", [])]
+    files = [f for o in outs for f in ([repo / o] if (repo / o).is_file() else sorted((repo / o).rglob("*")))
+             if f.is_file() and not {"checkpoints", "speed"} & set(f.parts)]
+    return {str(f.relative_to(repo)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_a_training_stage_resumed_at_its_last_checkpoint_writes_the_same_bytes(tiny_repo, tmp_path):
+    """Each training stage rerun with its checkpoints in place resumes at the last step and saves: every
+    output file equals the one the uninterrupted run wrote (a differing byte, such as the tokenizer's
+    padding state in tokenizer.json, reruns every stage after it: hours at full scale)."""
+    if not tiny_repo.full_dag:
+        pytest.skip("needs the whole tiny DAG")
+    repo = tiny_repo.clone(tmp_path / "repo")
+    before = _output_digests(repo, TRAINING_STAGES)
+    assert any("tokenizer.json" in f for f in before), sorted(before)
+    p = servers.run(["dvc", "repro", "--force", "--single-item", *TRAINING_STAGES], cwd=repo,
+                    env=tiny_repo.env(repo, VLMPIPE_TRACKING="off"), timeout=900)
+    resumed = re.findall(r"resuming (\S+) from", p.stdout + p.stderr)
+    assert len(resumed) == len(TRAINING_STAGES), (resumed, (p.stdout + p.stderr)[-3000:])
+    after = _output_digests(repo, TRAINING_STAGES)
+    assert after == before, sorted(f for f in before if after.get(f) != before[f])
+
+
 def test_outputs_are_the_same_with_tracking_off(tiny_repo, tmp_path):
     """The tiny DAG was built logging to an MLflow server (runs, registered models); stages rerun with
     VLMPIPE_TRACKING=off write the same bytes: tracking and registration feed no output."""
     if not tiny_repo.full_dag:
         pytest.skip("needs the whole tiny DAG")
-    import hashlib
     import shutil
 
-    import yaml
-
     repo = tiny_repo.clone(tmp_path / "repo")
-    stages = ["build_cifar_qa_csv", "train_gpt2_chat", "evaluate_chat", "report"]  # a data, a training (registers
-    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]            # its model), an eval, the report
-
-    def digests() -> dict:
-        outs = [next(iter(o)) if isinstance(o, dict) else o for s in stages
-                for o in spec[s].get("outs", []) + spec[s].get("metrics", [])]
-        files = [f for o in outs for f in ([repo / o] if (repo / o).is_file() else sorted((repo / o).rglob("*")))
-                 if f.is_file() and not {"checkpoints", "speed"} & set(f.parts)]  # they record wall time
-        return {str(f.relative_to(repo)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    # A data stage, a training stage (it registers its model), an evaluation, the report.
+    stages = ["build_cifar_qa_csv", "train_gpt2_chat", "evaluate_chat", "report"]
+    digests = functools.partial(_output_digests, repo, stages)
 
     before = digests()
     assert len(before) > 10, before

@@ -8,6 +8,7 @@ split into many tokens and short generation budgets cut answers off.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 from transformers import PreTrainedTokenizerFast
@@ -36,3 +37,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
     pad, bos, eos = special_tokens[0], special_tokens[1], special_tokens[2]
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos,
                                    eos_token=eos, unk_token=None)
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+    """``tokenizer.save_pretrained(directory)`` without the padding and truncation of its last call.
+
+    A fast tokenizer keeps the settings of the last call that padded or truncated, and writes them
+    into ``tokenizer.json``: a model saved after training would differ from the same model saved by a
+    run resumed at its last checkpoint (no call yet), and every stage after it would rerun. Every
+    call passes its own settings, so the saved file leaves them out."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    tokenizer.save_pretrained(str(directory))

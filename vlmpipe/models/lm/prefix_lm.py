@@ -42,6 +42,7 @@ from vlmpipe.core import hub
 from vlmpipe.models.lm.collate import IGNORE_INDEX, pad_collate
 from vlmpipe.core.errors import UserError
 from vlmpipe.core.io import atomic_path, read_json_file, write_json
+from vlmpipe.core.text import save_tokenizer
 from vlmpipe.models.lm.projector import PrefixProjector
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,11 @@ class PrefixLM(nn.Module):
         tok = self.lm.get_input_embeddings()(ids)
         prefix = self._prefix(batch["feats"]).to(tok.dtype)
         b, k = prefix.shape[:2]
+        seen = mask.new_ones(b, k)
+        if "has_image" in batch:  # a text-only example's text attends to no prefix
+            seen = seen * batch["has_image"].to(dev, mask.dtype)[:, None]
         out = self.lm(inputs_embeds=torch.cat([prefix, tok], dim=1),
-                      attention_mask=torch.cat([mask.new_ones(b, k), mask], dim=1), use_cache=False)
+                      attention_mask=torch.cat([seen, mask], dim=1), use_cache=False)
         return out.logits[:, k - 1:-1], labels
 
     def forward(self, batch: Mapping[str, torch.Tensor], reduction: str = "mean") -> dict[str, Any]:
@@ -199,7 +203,7 @@ class PrefixLM(nn.Module):
             tmp.mkdir(parents=True)
             self.save_lm(tmp)
             self.projector.save(tmp)
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            save_tokenizer(self.tokenizer, tmp / "tokenizer")
             write_json(tmp / CONFIG_NAME, {"format": FORMAT, **dataclasses.asdict(self.config)})
 
     @classmethod

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, PhiConfig, PreTrained
 
 from vlmpipe.core.io import atomic_path, write_json
 from vlmpipe.core.params import TinyLMParams
-from vlmpipe.core.text import train_bpe_tokenizer
+from vlmpipe.core.text import save_tokenizer, train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,6 @@ def save_tiny_lm(model: nn.Module, tok: PreTrainedTokenizerFast, out_dir: str | 
     """Write ``out_dir`` so that it loads with ``from_pretrained`` like any hub checkpoint."""
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp)
         write_json(Path(tmp) / "vlmpipe_tiny_lm.json", meta)
     return Path(out_dir)

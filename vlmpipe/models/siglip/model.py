@@ -161,7 +161,9 @@ class SigLIP(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         save_file(self._saved_state(), str(path / "model.safetensors"), metadata={"format": FORMAT})
         (path / "config.json").write_text(json.dumps({"format": FORMAT, "version": 1, **self.config}, indent=2) + "\n")
-        self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        from vlmpipe.core.text import save_tokenizer
+
+        save_tokenizer(self.tokenizer, path / "tokenizer")
 
 
 def build_siglip(p, train_texts: Sequence[str]) -> SigLIP:
