@@ -4,9 +4,11 @@ runs of the stages it re-ran carry the experiment's name.
 
 One experiment per session, run on a copy of the session's `tiny_repo` (the DAG is built once); it also
 cuts the QA model's training to one epoch, for suite time (the phi2 keys, like lr, are read by
-train_phi2_qlora alone). The runs go to the default store, mlflow.db in the repository root, as for a
-user who set no MLFLOW_TRACKING_URI. (The DAG under two processes is rehearsed with the full preset,
-test_full_preset.py.)
+train_phi2_qlora alone). The runs go to the session's MLflow server, where the tiny DAG registered its
+models: the experiment's QA model is scored against the DAG's (champion or candidate). The default
+store (mlflow.db in the repository, also from a temporary experiment workspace) is tested in
+test_tracking.py, test_registry.py and by the queued experiment of test_data_stages_dvc.py. (The DAG
+under two processes is rehearsed with the full preset, test_full_preset.py.)
 
 Until the whole DAG exists (conftest TINY_DAG_STAGES is a list), the experiment changes a param of the
 data stages instead, because `lr` is read only by train_phi2_qlora; the tests that need the whole DAG say so.
@@ -50,7 +52,7 @@ def _get(d: dict, dotted: str):
 @pytest.fixture(scope="module")
 def experiment(tiny_repo, tmp_path_factory) -> Experiment:
     repo = tiny_repo.clone(tmp_path_factory.mktemp("experiment") / "repo")
-    env = tiny_repo.env(repo)  # no MLFLOW_TRACKING_URI: the default store in the repo
+    env = tiny_repo.env(repo, MLFLOW_TRACKING_URI=tiny_repo.mlflow.uri)
     key, typed, value = FULL_DAG_SET if tiny_repo.full_dag else PARTIAL_DAG_SET
     import yaml
 
@@ -72,17 +74,29 @@ def test_exp_run_completes_and_mlflow_runs_carry_its_name(experiment, tiny_repo)
 
     ex = experiment
     assert f"Ran experiment(s): {ex.name}" in ex.output or ex.name in ex.output
-    db = ex.repo / "mlflow.db"
-    assert db.exists(), f"the stages re-run by the experiment ({ex.reran}) logged nothing to {db}"
-    c = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    uri = tiny_repo.mlflow.uri
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = c.get_experiment_by_name("vlmpipe")
     runs = c.search_runs([exp.experiment_id], filter_string=f"tags.dvc_experiment = '{ex.name}'")
-    logged = sorted(r.data.tags["stage"] for r in runs)
+    stage_runs = [r for r in runs if "stage" in r.data.tags]
+    logged = sorted(r.data.tags["stage"] for r in stage_runs)
     assert logged == sorted(ex.reran), (f"MLflow runs tagged dvc_experiment={ex.name}: {logged}; "
                                         f"stages the experiment ran: {ex.reran}")
-    for r in runs:
+    for r in stage_runs:
         assert r.info.status == "FINISHED"
         assert r.info.run_name == f"{r.data.tags['stage']}@{ex.name}"
+    # The experiment's stages sit under one parent run named after it.
+    (parent,) = {r.data.tags.get("mlflow.parentRunId") for r in stage_runs}
+    assert c.get_run(parent).info.run_name == ex.name and c.get_run(parent).info.status == "FINISHED"
+    if tiny_repo.full_dag:
+        # Its QA model was scored against the tiny DAG's: champion only if it beat it.
+        versions = c.search_model_versions("name = 'vlmpipe-qa'")
+        (mine,) = [v for v in versions if v.tags.get("dvc_experiment") == ex.name]
+        (dag,) = [v for v in versions if v.tags.get("git_commit") == tiny_repo.commit
+                  and "dvc_experiment" not in v.tags]
+        better = float(mine.tags["eval.accuracy"]) > float(dag.tags["eval.accuracy"])
+        assert mine.aliases == (["champion"] if better else ["candidate"]), (mine.aliases, mine.tags, dag.tags)
+        assert ("champion" in dag.aliases) != better, dag.aliases
     if tiny_repo.full_dag:
         (phi2,) = [r for r in runs if r.data.tags["stage"] == "train_phi2_qlora"]
         lrs = {k: float(v) for k, v in phi2.data.params.items() if k == "lr" or k.endswith(".lr")}
