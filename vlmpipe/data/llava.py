@@ -7,8 +7,13 @@ The format (``llava_instruct_150k.json``), kept exactly::
                         {"from": "gpt", "value": "The bus in the image is white and red."}, ...]}, ...]
 
 Turns alternate human/gpt, starting with human; the first human turn carries the ``<image>``
-marker (before or after its text). build_conversations (``vlmpipe/sources/llava.py``) writes
-``data/conversations/`` in it:
+marker (before or after its text). Read as LLaVA publishes it, too: a record without ``image``
+(or with ``"image": null``) is a text-only conversation (LLaVA-1.5's mix holds ShareGPT's);
+``image`` may name folders (``coco/train2017/000000033471.jpg``, ``gqa/images/2354786.jpg``; see
+``image_source``); ids need not be unique (LLaVA names a record by its image, and one image has
+several conversations); the file may be one JSON list or JSON Lines (one record per line, as
+LLaVA's evaluation sets come), told apart by content. build_conversations
+(``vlmpipe/sources/llava.py``) writes ``data/conversations/`` in it:
 
     train.json, val.json   the training and held-out conversations, in that format
     turn_types.json        {id: [type of each gpt turn]} where the source knows them (synthetic)
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from vlmpipe.core.errors import UserError
@@ -26,29 +31,45 @@ from vlmpipe.core.errors import UserError
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt")
 MAX_FILE_BYTES = 4 << 30  # the 150K file is ~230 MB; anything near this is not a conversations file
+SCHEMA = ('expected LLaVA records {"id", "image" (optional), "conversations": [{"from": "human", "value"}, '
+          '{"from": "gpt", "value"}, ...]} as a JSON list or JSON Lines')
+# The first folder of an image path that still names a COCO image (joined by its file name).
+COCO_FOLDERS = ("coco", "train2017", "val2017", "train2014", "val2014")
 
 
-def validate(records: Any, where: str) -> list[dict]:
+def has_image(record: dict) -> bool:
+    return record.get("image") is not None
+
+
+def _keys(obj: Any) -> str:
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}"
+    keys = [repr(k)[:40] for k in list(obj)[:6]] + (["..."] if len(obj) > 6 else [])
+    return "keys " + ", ".join(keys) if keys else "an empty object"
+
+
+def validate(records: Any, where: str, check_text_only: bool = True) -> list[dict]:
     """``records`` as a list of LLaVA conversations, or a ``UserError`` naming the first bad record:
-    not a list of objects, missing keys, roles not alternating human/gpt (human first), an empty
-    value, no ``<image>`` in the first human turn, or an id given twice."""
+    not the LLaVA schema, a missing id, an image that is not a path, roles not alternating
+    human/gpt (human first), an empty value, or no ``<image>`` in the first human turn of a
+    conversation about an image. ``check_text_only=False``: text-only records (the caller drops
+    them) are checked for the schema and id only."""
     if not isinstance(records, list):
-        raise UserError(f"{where}: not a LLaVA-format file (expected a JSON list of conversations, "
-                        f"got {type(records).__name__})")
-    seen: set[str] = set()
+        raise UserError(f"{where}: not a LLaVA-format file ({_keys(records)}; {SCHEMA})")
     for n, r in enumerate(records):
         rid = r.get("id") if isinstance(r, dict) else None
-        at = f"{where}: record {n}" + (f" (id {rid!r})" if rid is not None else "")
-        if not isinstance(r, dict):
-            raise UserError(f"{at}: not an object")
-        for key in ("id", "image", "conversations"):
-            if key not in r:
-                raise UserError(f"{at}: missing key {key!r}")
-        if not isinstance(r["id"], (str, int)) or str(r["id"]) in seen:
-            raise UserError(f"{at}: id must be a string, unique in the file")
-        seen.add(str(r["id"]))
-        if not isinstance(r["image"], str) or not r["image"].strip():
-            raise UserError(f"{at}: image must be a file name such as 000000033471.jpg")
+        at = f"{where}: record {n}" + (f" (id {rid!r})" if isinstance(rid, (str, int)) else "")
+        if not isinstance(r, dict) or "conversations" not in r:
+            raise UserError(f"{at}: not a LLaVA conversation ({_keys(r)}; {SCHEMA})")
+        if "id" not in r:
+            raise UserError(f"{at}: missing key 'id'")
+        if not isinstance(r["id"], (str, int)) or isinstance(r["id"], bool):
+            raise UserError(f"{at}: id must be a string or a number")
+        if r.get("image") is not None and (not isinstance(r["image"], str) or not r["image"].strip()):
+            raise UserError(f"{at}: image must be a file name such as 000000033471.jpg "
+                            "or coco/train2017/000000033471.jpg")
+        if not has_image(r) and not check_text_only:
+            continue
         turns = r["conversations"]
         if not isinstance(turns, list) or len(turns) < 2:
             raise UserError(f"{at}: conversations must be a list of at least one human and one gpt turn")
@@ -62,23 +83,45 @@ def validate(records: Any, where: str) -> list[dict]:
                 raise UserError(f"{at}: turn {t} has an empty value")
         if len(turns) % 2:
             raise UserError(f"{at}: ends with a human turn that has no gpt answer")
-        if IMAGE_TOKEN not in turns[0]["value"]:
+        if has_image(r) and IMAGE_TOKEN not in turns[0]["value"]:
             raise UserError(f"{at}: the first human turn has no {IMAGE_TOKEN} marker")
     return records
 
 
-def read(path: str | os.PathLike) -> list[dict]:
-    """A LLaVA-format JSON file, validated (``UserError`` naming the file and record)."""
+def _json_lines(data: bytes, path: Path) -> list:
+    """The values of a JSON Lines file, one per non-blank line."""
+    out = []
+    for n, line in enumerate(data.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: line {n}: not JSON ({e.msg} at column {e.colno}); "
+                                "read as JSON Lines, one record per line") from None
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: line {n}: not UTF-8 text") from None
+    return out
+
+
+def read(path: str | os.PathLike, check_text_only: bool = True) -> list[dict]:
+    """A LLaVA-format file (a JSON list, or JSON Lines), validated (``UserError`` naming the file and record)."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise UserError(f"{path}: {path.stat().st_size} bytes, larger than any conversations file should be")
-        data = json.loads(path.read_bytes())
+        data = path.read_bytes()
+        records = json.loads(data)
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data" or not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+            raise UserError(f"{path}: not JSON ({e})") from None
+        records = _json_lines(data, path)  # objects one after another: JSON Lines
+    except UnicodeDecodeError as e:
         raise UserError(f"{path}: not JSON ({e})") from None
-    return validate(data, str(path))
+    if isinstance(records, dict) and "conversations" in records:
+        records = [records]  # JSON Lines of one record
+    return validate(records, str(path), check_text_only)
 
 
 def turns_of(record: dict) -> list[tuple[str, str]]:
@@ -99,9 +142,21 @@ def record(rid: str, image: str, turns: Sequence[tuple[str, str]]) -> dict:
     return {"id": rid, "image": image, "conversations": conv}
 
 
+def image_source(name: str) -> str:
+    """The dataset an image path names: ``coco`` for a bare file name or one under a COCO folder
+    (``train2017/``, ``coco/train2017/``, ...), else its first folder (``gqa``, ``vg``, ``ocr_vqa``, ...)."""
+    parts = PurePosixPath(name.replace("\\", "/").lstrip("/")).parts
+    return "coco" if len(parts) == 1 or parts[0] in COCO_FOLDERS else parts[0]
+
+
 def image_id(name: str) -> int | None:
-    """The COCO image id of a file name such as ``000000033471.jpg`` (or ``train2017/...``); None if not one."""
-    stem = Path(name).stem
+    """The COCO image id of a COCO image path (``000000033471.jpg``, ``coco/train2017/000000033471.jpg``,
+    ``COCO_train2014_000000033471.jpg``); None if not one."""
+    if image_source(name) != "coco":
+        return None
+    stem = PurePosixPath(name.replace("\\", "/")).stem
+    if stem.startswith("COCO_"):
+        stem = stem.rsplit("_", 1)[-1]
     return int(stem) if stem.isdigit() else None
 
 
