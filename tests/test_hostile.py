@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import random
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -37,9 +38,18 @@ NASTY = ["<script>alert(1)</script>", "=cmd|' /C calc'!A0", "$x^2$ and $", "{{7*
 ANY_TEXT = st.one_of(st.sampled_from(NASTY), st.text(min_size=1, max_size=40))
 
 
+# What a user-facing line must never hold: a scratch folder of the project's (gone by the time the line
+# is read: the user's file and member are what to name) or a Python object's repr.
+SCRATCH = re.compile(r"/\.[^/\s]+\.tmp(/|\b)|/\.(coco-src|extract)[.-][^/\s]+|vlmpipe-(mlflow-model|kernel)-")
+OBJECT_REPR = re.compile(r"<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
+
+
 def one_line(e: pytest.ExceptionInfo | UserError, *names: str) -> str:
+    """The message of a refusal, checked: one line, no traceback, no scratch path, no object repr, and
+    (given ``names``) naming one of them."""
     msg = str(e.value if isinstance(e, pytest.ExceptionInfo) else e)
     assert msg and "\n" not in msg and "Traceback" not in msg, msg
+    assert not SCRATCH.search(msg) and not OBJECT_REPR.search(msg), msg
     if names:
         assert any(n in msg for n in names), (msg, names)
     return msg
@@ -291,6 +301,27 @@ def test_images_mutated_bytewise(tmp_path, fmt):
     with pytest.raises(UserError) as e:
         read_image(tmp_path)
     assert one_line(e) == f"{tmp_path}: a folder, not an image file"
+
+
+def test_a_damaged_batch_in_a_cifar_archive_names_the_archive_and_the_member(tmp_path, tiny_cifar):
+    """The stage extracts the tarball into its scratch folder, gone by the time the user reads the line:
+    the line names the user's archive and the member inside it."""
+    from vlmpipe.sources import cifar as cifar_source
+    from vlmpipe.sources.params import CifarParams
+
+    tarball = tmp_path / "mine" / "cifar-10-python.tar.gz"
+    tarball.parent.mkdir()
+    with tarfile.open(tarball, "w:gz") as tf:
+        for f in sorted((tiny_cifar / "cifar-10-batches-py").iterdir()):
+            data = f.read_bytes()[:200] if f.name == "data_batch_2" else f.read_bytes()
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{f.name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    scratch = tmp_path / "data" / ".cifar.k2j4x9.tmp" / "cifar"  # as the stage's atomic output folder
+    with pytest.raises(UserError) as e:
+        cifar_source.build(CifarParams(source="cifar10", local_path=str(tarball), verify=False), 0, scratch)
+    assert one_line(e).startswith(f"{tarball}: member cifar-10-batches-py/data_batch_2: corrupt or truncated"), \
+        str(e.value)
 
 
 def _jpeg_claiming(width: int, height: int) -> bytes:

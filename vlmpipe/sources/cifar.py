@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from vlmpipe.core.download import default_download_dir, download, safe_extract, verify_file
 from vlmpipe.core.errors import UserError
-from vlmpipe.data.cifar import BATCH_DIR, META, SPLITS, TEST_BATCH, TRAIN_BATCHES, load_split
+from vlmpipe.data.cifar import BATCH_DIR, META, SPLITS, TEST_BATCH, TRAIN_BATCHES, CifarSplit, load_split
 from vlmpipe.sources import remote, shapes
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,10 @@ def write_synthetic(root: str | os.PathLike, train_per_class: int, test_per_clas
 
 def ingest_official(root: str | os.PathLike, download_dir: str | os.PathLike | None = None,
                     url: str = URL, md5: str | None = MD5, size: int | None = SIZE, *,
-                    local_path: str | os.PathLike = "", key: str = "cifar.source") -> None:
-    """Extract the official tarball safely into ``root``: the user's copy at ``local_path`` (checked in
-    place, never modified), or a download of ``url`` (cached, resumable, md5-verified)."""
+                    local_path: str | os.PathLike = "", key: str = "cifar.source") -> dict[str, CifarSplit]:
+    """Extract the official tarball safely into ``root`` and read both splits back: the user's copy at
+    ``local_path`` (checked in place, never modified), or a download of ``url`` (cached, resumable,
+    md5-verified). A damaged batch is named as the archive's member, not as the extracted file."""
     if local_path:
         tarball = verify_file(local_path, size=size, md5=md5,
                               hint="set cifar.verify: false if this copy is meant to differ from the published one"
@@ -104,22 +105,27 @@ def ingest_official(root: str | os.PathLike, download_dir: str | os.PathLike | N
         missing = [f for f in (*TRAIN_BATCHES, TEST_BATCH, META) if not (Path(root) / BATCH_DIR / f).exists()]
         if missing:
             raise UserError(f"{tarball}: not a CIFAR-10 python archive (no {BATCH_DIR}/{missing[0]})")
+        return {split: load_split(root, split) for split in SPLITS}
     except UserError as e:
+        # The reader names the file it read, extracted into the stage's scratch folder, which is gone by
+        # the time the user reads the line: name the archive and its member instead.
+        extracted = f"{Path(root)}/"
+        msg = f"{tarball}: member {str(e)[len(extracted):]}" if str(e).startswith(extracted) else str(e)
         if local_path:
-            raise
+            raise UserError(msg) from None
         # A download that passed every check it had (none, with cifar.verify: false) but is not the
         # archive: it stays where it is, and each rerun would fail the same way.
-        raise UserError(f"{e}; delete {tarball} to download it again") from None
+        raise UserError(f"{msg}; delete {tarball} to download it again") from None
 
 
 def build(params, seed: int, root: str | os.PathLike, download_dir: str | os.PathLike | None = None) -> None:
     """Create ``root/cifar-10-batches-py`` from ``params`` (a ``CifarParams``) and check it reads back."""
     if params.source == "synthetic":
         write_synthetic(root, params.synthetic_train_per_class, params.synthetic_test_per_class, seed)
+        splits = {split: load_split(root, split) for split in SPLITS}
     else:
-        ingest_official(root, download_dir, params.url or URL, MD5 if params.verify else None,
-                        SIZE if params.verify else None, local_path=params.local_path,
-                        key="cifar.url" if params.url else "cifar.source")
-    for split in SPLITS:
-        s = load_split(root, split)
+        splits = ingest_official(root, download_dir, params.url or URL, MD5 if params.verify else None,
+                                 SIZE if params.verify else None, local_path=params.local_path,
+                                 key="cifar.url" if params.url else "cifar.source")
+    for split, s in splits.items():
         log.info("cifar %s: %d images, %d classes", split, len(s), len(s.label_names))
