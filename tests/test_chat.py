@@ -114,6 +114,40 @@ def test_the_prompt_is_what_training_saw_before_the_answer(captioner_dir):
 # ------------------------------------------------------------------ the model
 
 
+def test_a_text_only_conversation_trains_without_an_image(captioner_dir):
+    """A text-only conversation (image row None) gets no image prefix: its logits do not move with the
+    features in its slot, an image conversation's do; its loss and gradients are finite."""
+    from types import SimpleNamespace
+
+    from vlmpipe.data import llava
+
+    model = _chat(captioner_dir).eval()
+    feats, convs, _ = _world_conversations(2)
+    records = [llava.record("1", "000000000007.jpg", convs[0]), {"id": "t", "conversations": [
+        {"from": "human", "value": q} if k % 2 == 0 else {"from": "gpt", "value": a}
+        for q, a in convs[1] for k in (0, 1)]}]
+    cache = SimpleNamespace(ids=np.array([7]), embeddings=feats[:1].numpy())
+    got, rows = C.conversation_features(records, [cache], "train.json")
+    assert rows == [0, None] and torch.equal(got, feats[:1])
+    data = C.ChatDataset(model.tokenizer, got, rows, [llava.turns_of(r) for r in records], model.window)
+    assert "has_image" not in model.collate([data[0]])  # image-only batches are as before
+    batch = model.collate([data[0], data[1]])
+    assert batch["has_image"].tolist() == [True, False] and not batch["feats"][1].any()
+    with torch.no_grad():
+        logits, labels = model.text_logits(batch)
+        for row in (0, 1):
+            moved = {**batch, "feats": batch["feats"].clone()}
+            moved["feats"][row] = torch.randn(moved["feats"][row].shape, generator=torch.Generator().manual_seed(0))
+            targets = labels[row] != IGNORE_INDEX  # the logits the loss reads (the assistant's tokens)
+            changed = (model.text_logits(moved)[0][row][targets] - logits[row][targets]).abs().max().item()
+            assert (changed > 1e-4) if row == 0 else (changed < 1e-5), (row, changed)
+    model.train()
+    out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and all(torch.isfinite(q.grad).all() for q in model.parameters()
+                                               if q.grad is not None)
+
+
 def test_starts_as_the_captioner_and_sizes_its_window(captioner_dir):
     cap = CAP.load_captioner(captioner_dir)
     model = _chat(captioner_dir)

@@ -46,9 +46,11 @@ class ChatDataset(torch.utils.data.Dataset):
 
     ``feats``: Tensor [N, R, D]; ``conversations[i]``: the (user, assistant) turns about image row
     ``image_rows[i]`` of ``feats`` (kept raw too, for evaluation). Items: ``{"feats", "input_ids", "labels"}``.
+    A text-only conversation (row None) gets zero features and ``"has_image": False``: the model
+    masks its prefix out of the LM's attention (``PrefixLM.text_logits``).
     """
 
-    def __init__(self, tokenizer, feats: torch.Tensor, image_rows: Sequence[int],
+    def __init__(self, tokenizer, feats: torch.Tensor, image_rows: Sequence[int | None],
                  conversations: Sequence[Sequence[tuple[str, str]]], max_tokens: int) -> None:
         if len(image_rows) != len(conversations):
             raise ValueError(f"{len(image_rows)} image rows but {len(conversations)} conversations")
@@ -64,8 +66,8 @@ class ChatDataset(torch.utils.data.Dataset):
             log.info("%d of %d conversations are longer than %d tokens: cut into %d windows at turn boundaries",
                      split, len(conversations), max_tokens, len(self.items))
 
-    def image_row(self, conv: int) -> int:
-        """The row of ``feats`` that conversation ``conv`` is about."""
+    def image_row(self, conv: int) -> int | None:
+        """The row of ``feats`` that conversation ``conv`` is about (None: a text-only conversation)."""
         return self.image_rows[conv]
 
     def __len__(self) -> int:
@@ -73,7 +75,11 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         conv, ids, labels = self.items[i]
-        return {"feats": self.feats[self.image_rows[conv]], "input_ids": ids, "labels": labels}
+        row = self.image_rows[conv]
+        if row is None:
+            return {"feats": self.feats.new_zeros(self.feats.shape[1:]), "input_ids": ids, "labels": labels,
+                    "has_image": False}
+        return {"feats": self.feats[row], "input_ids": ids, "labels": labels}
 
     def num_tokens(self) -> int:
         return sum(len(ids) for _, ids, _ in self.items)
@@ -85,9 +91,11 @@ def coco_caches(embeddings_root: Path, encoder: dict) -> list:
     return [embeddings.load(embeddings_root, "coco", s, expect_encoder=dict(encoder)) for s in ("train", "val")]
 
 
-def conversation_features(records: Sequence[dict], caches: Sequence, where: Path) -> tuple[torch.Tensor, list[int]]:
-    """(features [M, R, D], the row of each record's image): the features of the images the ``records``
-    are about, from the train or val cache of ``caches`` (``where``: the file that names them)."""
+def conversation_features(records: Sequence[dict], caches: Sequence,
+                          where: Path) -> tuple[torch.Tensor, list[int | None]]:
+    """(features [M, R, D], the row of each record's image, None for a text-only record): the features
+    of the images the ``records`` are about, from the train or val cache of ``caches`` (``where``: the
+    file that names them)."""
     index = {}
     for c, cache in enumerate(caches):
         for r, i in enumerate(cache.ids.tolist()):
@@ -95,6 +103,9 @@ def conversation_features(records: Sequence[dict], caches: Sequence, where: Path
     order: dict[int, int] = {}
     rows = []
     for rec in records:
+        if not llava.has_image(rec):
+            rows.append(None)
+            continue
         iid = llava.image_id(rec["image"])
         if iid not in index:
             raise UserError(f"{where}: record {rec['id']!r} is about image {rec['image']}, which has no cached "
@@ -106,9 +117,9 @@ def conversation_features(records: Sequence[dict], caches: Sequence, where: Path
 
 
 def load_conversations(conv_root: Path, split: str, caches: Sequence
-                       ) -> tuple[torch.Tensor, list[int], list[list[tuple[str, str]]], list[list[str]], list[dict]]:
-    """(features, image rows, turns, turn types, records) of ``data/conversations/{split}.json``, the
-    features from ``caches`` (``coco_caches``)."""
+                       ) -> tuple[torch.Tensor, list, list[list[tuple[str, str]]], list[list[str]], list[dict]]:
+    """(features, image rows (None: text-only), turns, turn types, records) of
+    ``data/conversations/{split}.json``, the features from ``caches`` (``coco_caches``)."""
     records, types = llava.load_split(conv_root, split)
     feats, rows = conversation_features(records, caches, conv_root / f"{split}.json")
     turns = [llava.turns_of(r) for r in records]

@@ -15,7 +15,8 @@ IGNORE_INDEX = -100
 
 
 def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """``feats`` float32 [B, R, D]; ``input_ids``, ``labels``, ``attention_mask`` int64 [B, T]."""
+    """``feats`` float32 [B, R, D]; ``input_ids``, ``labels``, ``attention_mask`` int64 [B, T]; ``has_image``
+    bool [B] when an example says it has none (a text-only conversation)."""
     if not examples:
         raise ValueError("pad_collate: empty batch")
     b, longest = len(examples), max(len(e["input_ids"]) for e in examples)
@@ -30,4 +31,7 @@ def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dic
     feats = torch.stack([torch.as_tensor(e["feats"]) for e in examples]).float()
     if feats.dim() == 2:  # [B, D]: one pooled vector per image
         feats = feats.unsqueeze(1)
-    return {"feats": feats, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = {"feats": feats, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if any("has_image" in e for e in examples):  # text-only examples (chat data): their prefix is masked out
+        batch["has_image"] = torch.tensor([bool(e.get("has_image", True)) for e in examples])
+    return batch
