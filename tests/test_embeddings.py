@@ -1,6 +1,9 @@
 """Cached embeddings: round trip, stale identity refused, batching, regions, encoders."""
 from __future__ import annotations
 
+import functools
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +159,46 @@ def test_one_image_path_from_training_to_every_face(tmp_path, siglip, monkeypatc
     for other in seen[1:]:
         assert torch.equal(seen[0], other)
     assert seen[0].shape == (1, 3, siglip.image_size, siglip.image_size)
+
+
+def test_a_coco_image_that_cannot_be_read_leaves_every_feature_file_as_it_was(tmp_path, siglip, tiny_cifar,
+                                                                             tiny_coco):
+    """precompute_embeddings embeds CIFAR, then COCO. A COCO image that cannot be read (found after the
+    CIFAR features are computed) must leave the earlier output folder whole: no new CIFAR files beside
+    old COCO ones. The folder is replaced at once, at the end."""
+    import copy
+    import shutil
+    import types
+    import zipfile
+
+    from vlmpipe.captioner.params import CaptionerParams
+    from vlmpipe.data.coco import CocoCaptions
+    from vlmpipe.embeddings.params import EmbeddingsParams
+    from vlmpipe.embeddings.stage import embed_all
+
+    siglip = copy.deepcopy(siglip)  # changed below; the module's stays as it is
+    siglip.save(tmp_path / "siglip")
+    coco = tmp_path / "coco"
+    shutil.copytree(tiny_coco, coco)
+    p = types.SimpleNamespace(embeddings=EmbeddingsParams(batch_size=8, device="cpu"),
+                              captioner=CaptionerParams(regions=1))
+    out = tmp_path / "embeddings"
+    run = functools.partial(embed_all, p, 0, torch.device("cpu"), siglip_dir=tmp_path / "siglip",
+                            cifar_root=tiny_cifar, coco_root=coco, out=out)
+    run()
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert sorted(before) == ["cifar_test.safetensors", "cifar_train.safetensors", "coco_train.safetensors",
+                              "coco_val.safetensors"]
+    torch.manual_seed(1)  # another SigLIP: every feature would change
+    with torch.no_grad():
+        for w in siglip.parameters():
+            w.add_(torch.randn_like(w))
+    siglip.save(tmp_path / "siglip")
+    val = CocoCaptions(coco, "val")
+    member = val.member(val.ids[-1])
+    with zipfile.ZipFile(tiny_coco / "val2017.zip") as zin, zipfile.ZipFile(coco / "val2017.zip", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, b"not a JPEG" if info.filename == member else zin.read(info))
+    with pytest.raises(UserError, match=re.escape(f"{coco / 'val2017.zip'}: member {member}: cannot read image")):
+        run()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
