@@ -316,7 +316,7 @@ def test_the_published_mix_through_build(tiny_coco, tmp_path, monkeypatch, caplo
     assert "dropped 2 conversations: image from gqa, not COCO (the first: id '2354786', image " \
            "'gqa/images/2354786.jpg')" in warnings
     assert any(w.startswith("dropped 1 conversations: image from vg") for w in warnings)
-    assert "train_text_only" not in s
+    assert "text_only" not in s
     train, _ = llava.load_split(tmp_path / "out", "train")
     val, _ = llava.load_split(tmp_path / "out", "val")
     kept = train + val
@@ -338,7 +338,7 @@ def test_text_only_conversations_can_be_trained(tiny_coco, tmp_path, monkeypatch
     p = ConversationsParams(path="inputs/data/mix.jsonl", heldout_fraction=0.3, text_only="train")
     s = llava_source.build(p, 0, tiny_coco, tmp_path / "out")
     assert s["dropped"] == {"image from gqa, not COCO": 2, "image from vg, not COCO": 1}
-    assert s["train_text_only"] == 2 and s["train"] + s["val"] == 6 + 2
+    assert s["text_only"] == 2 and s["train"] + s["val"] == 6 + 2
     train, _ = llava.load_split(tmp_path / "out", "train")
     val, _ = llava.load_split(tmp_path / "out", "val")
     assert [r for r in train if not llava.has_image(r)] == TEXT_ONLY and all(map(llava.has_image, val))

@@ -120,7 +120,7 @@ def build(p, seed: int, coco_root: str | os.PathLike, out: str | os.PathLike,
                "val_turns": sum(len(r["conversations"]) // 2 for r in val),
                "dropped": dict(sorted(dropped.items()))}
     if p.text_only == "train":
-        summary["train_text_only"] = sum(not has_image(r) for r in train)
+        summary["text_only"] = sum(not has_image(r) for r in train)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         _write_records(tmp / "train.json", train)
