@@ -309,13 +309,13 @@ def test_the_published_mix_through_build(tiny_coco, tmp_path, monkeypatch, caplo
     with caplog.at_level("WARNING"):
         s = llava_source.build(ConversationsParams(path="inputs/data/mix.json", heldout_fraction=0.3), 0,
                                tiny_coco, tmp_path / "out")
-    assert s["dropped"] == {"image from gqa, not COCO": 2, "image from vg, not COCO": 1,
+    assert s["dropped"] == {"image from 'gqa', not COCO": 2, "image from 'vg', not COCO": 1,
                             "no image (text-only; conversations.text_only: skip)": 2}
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 3 and all("\n" not in w for w in warnings), warnings
-    assert "dropped 2 conversations: image from gqa, not COCO (the first: id '2354786', image " \
+    assert "dropped 2 conversations: image from 'gqa', not COCO (the first: id '2354786', image " \
            "'gqa/images/2354786.jpg')" in warnings
-    assert any(w.startswith("dropped 1 conversations: image from vg") for w in warnings)
+    assert any(w.startswith("dropped 1 conversations: image from 'vg'") for w in warnings)
     assert "text_only" not in s
     train, _ = llava.load_split(tmp_path / "out", "train")
     val, _ = llava.load_split(tmp_path / "out", "val")
@@ -337,7 +337,7 @@ def test_text_only_conversations_can_be_trained(tiny_coco, tmp_path, monkeypatch
     _write_json_lines(f, records)
     p = ConversationsParams(path="inputs/data/mix.jsonl", heldout_fraction=0.3, text_only="train")
     s = llava_source.build(p, 0, tiny_coco, tmp_path / "out")
-    assert s["dropped"] == {"image from gqa, not COCO": 2, "image from vg, not COCO": 1}
+    assert s["dropped"] == {"image from 'gqa', not COCO": 2, "image from 'vg', not COCO": 1}
     assert s["text_only"] == 2 and s["train"] + s["val"] == 6 + 2
     train, _ = llava.load_split(tmp_path / "out", "train")
     val, _ = llava.load_split(tmp_path / "out", "val")

@@ -280,6 +280,49 @@ def test_archives_mutated_bytewise_extract_safely(tmp_path, kind):
         sorted(f"a{i}.{kind}" for i in range(EXAMPLES))  # nothing written beside the archives
 
 
+# ------------------------------------------------------------------ LLaVA conversations
+
+def _llava_file(lines: bool) -> bytes:
+    """A LLaVA file in the published shapes: a COCO path with folders, a text-only record, another dataset's."""
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a star"}]
+    recs = [{"id": "000000000001", "image": "coco/train2017/000000000001.jpg", "conversations": turns},
+            {"id": "i6IyJda_0", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"id": "2354786", "image": "gqa/images/2354786.jpg", "conversations": turns}]
+    return ("".join(json.dumps(r) + "\n" for r in recs) if lines else json.dumps(recs, indent=1)).encode()
+
+
+@pytest.mark.parametrize("lines", [False, True], ids=["json", "json-lines"])
+def test_llava_files_mutated_bytewise(tiny_coco, tmp_path, lines):
+    from vlmpipe.data import llava
+    from vlmpipe.sources.llava import _split_by_image
+
+    for i, m in enumerate(mutations(_llava_file(lines), EXAMPLES, seed=5)):
+        f = tmp_path / f"conv{i}.json"
+        f.write_bytes(m)
+        for text_only in (False, True):
+            try:
+                records = llava.read(f, check_text_only=text_only)
+            except UserError as e:
+                one_line(e, str(f))
+                continue
+            # What reads is usable: split by image (text-only records kept or counted), turns of every record.
+            train, val, text, dropped = _split_by_image(records, tiny_coco, 0.5, 0, keep_text_only=text_only)
+            assert len(train) + len(val) + len(text) + sum(dropped.values()) == len(records)
+            assert all("\n" not in why for why in dropped)
+            for r in train + val + text:
+                llava.turns_of(r)
+
+
+@given(st.lists(st.one_of(ANY_TEXT, st.sampled_from(["/", ".", "", "coco/", "a/../b.jpg", "\\x.jpg"])), max_size=5)
+       .map("/".join))
+@SETTINGS
+def test_llava_image_paths_generated(name):
+    from vlmpipe.data import llava
+
+    source, iid = llava.image_source(name), llava.image_id(name)
+    assert isinstance(source, str) and (iid is None or (source == "coco" and iid >= 0))
+
+
 # ------------------------------------------------------------------ images
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

@@ -146,7 +146,7 @@ def image_source(name: str) -> str:
     """The dataset an image path names: ``coco`` for a bare file name or one under a COCO folder
     (``train2017/``, ``coco/train2017/``, ...), else its first folder (``gqa``, ``vg``, ``ocr_vqa``, ...)."""
     parts = PurePosixPath(name.replace("\\", "/").lstrip("/")).parts
-    return "coco" if len(parts) == 1 or parts[0] in COCO_FOLDERS else parts[0]
+    return "coco" if len(parts) <= 1 or parts[0] in COCO_FOLDERS else parts[0]
 
 
 def image_id(name: str) -> int | None:

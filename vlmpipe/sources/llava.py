@@ -52,7 +52,7 @@ def _split_by_image(records: list[dict], coco_root: Path, heldout_fraction: floa
             split = "text"
         else:
             src, iid = image_source(r["image"]), image_id(r["image"])
-            why = (f"image from {src}, not COCO" if src != "coco" else
+            why = (f"image from {src!r}, not COCO" if src != "coco" else
                    "image is not a COCO file name" if iid is None else
                    f"image not in {coco_root}" if iid not in where else None)
             split = where.get(iid)
