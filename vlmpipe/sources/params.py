@@ -2,6 +2,7 @@
 ``conversations`` (build_conversations)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from vlmpipe.core.params import check, check_input_path, check_revision, check_url
@@ -37,9 +38,29 @@ class CocoParams:
     url: str = ""
     local_dir: str = ""
     verify: bool = True
+    # Which images make the train and val splits. "coco2017": train2017 and val2017 as COCO
+    # publishes them; "karpathy": Karpathy's split, as captioning papers report scores (train: its
+    # train + restval, 113,287 images; val: its test, 5,000), images and captions taken from the
+    # coco2017 archives (needs source: coco2017). The split file, dataset_coco.json or Karpathy's
+    # caption_datasets.zip holding it: ``split_path`` (under inputs/data/), else ``split_url`` (a
+    # mirror's URL of either file), else Karpathy's site. ``split_sha256``: the sha256 that file
+    # must have (no checksum is published for it; empty: not checked, the stage logs the file's).
+    split: str = "coco2017"
+    split_url: str = ""
+    split_path: str = ""
+    split_sha256: str = ""
 
     def validate(self, key: str) -> None:
         check_source(key, self.source, ("synthetic", "coco2017"), self.url, "local_dir", self.local_dir, self.verify)
+        check(self.split in ("coco2017", "karpathy"), f"{key}.split",
+              f"must be 'coco2017' or 'karpathy', got {self.split!r}")
+        check(self.split != "karpathy" or self.source == "coco2017", f"{key}.split",
+              "karpathy names COCO images by id: it needs coco.source: coco2017")
+        check(not (self.split_url and self.split_path), f"{key}.split_path", "set either split_url or split_path, not both")
+        check_input_path(self.split_path, f"{key}.split_path", "data")
+        check_url(self.split_url, f"{key}.split_url")
+        check(not self.split_sha256 or re.fullmatch(r"[0-9a-fA-F]{64}", self.split_sha256) is not None,
+              f"{key}.split_sha256", f"must be 64 hex digits (a sha256) or empty, got {self.split_sha256!r}")
         check(self.max_images >= 0, f"{key}.max_images", "must be >= 0")
         check(self.synthetic_train_images > 0, f"{key}.synthetic_train_images", "must be > 0")
         check(self.synthetic_val_images > 0, f"{key}.synthetic_val_images", "must be > 0")
