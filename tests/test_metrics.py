@@ -69,3 +69,13 @@ def test_vqa_accuracy_by_type():
     assert r["by_type"] == {"class": 1.0, "colour": 0.5}
     with pytest.raises(ValueError):
         vqa_accuracy([])
+
+
+def test_token_f1_gives_partial_credit_after_normalising():
+    from vlmpipe.scoring.metrics import token_f1
+
+    assert token_f1("The image is blurry.", "the image is BLURRY") == 1.0  # case, punctuation, articles
+    assert token_f1("blurry", "The image is blurry.") == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))  # p 1, r 1/3
+    assert token_f1("a red red car", "red car parked") == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+    assert token_f1("No", "Yes") == 0.0
+    assert token_f1("", "the") == 1.0 and token_f1("", "No") == 0.0  # both empty after normalising: equal

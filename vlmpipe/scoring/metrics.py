@@ -7,7 +7,8 @@ Every headline number is reported next to the baseline it must beat:
   every image the single most common training caption.
 - VQA: normalised exact match, overall and per question type;
   ``blind_baseline`` answers each question with its most frequent training
-  answer, without looking at the image.
+  answer, without looking at the image. Free-form answers (sentences) also
+  get token F1, beside the same blind baseline's.
 - SigLIP: zero-shot accuracy and recall@1/5 both ways, with chance levels.
 
 Captions are tokenised in Python (lower-case, punctuation stripped — what the
@@ -137,6 +138,20 @@ def vqa_accuracy(rows: Iterable[tuple[str, str, str]]) -> dict:
         "n_questions": len(allhits),
         "by_type": {t: sum(v) / len(v) for t, v in sorted(hits.items())},
     }
+
+
+def token_f1(pred: str, truth: str) -> float:
+    """The harmonic mean of token precision and recall of ``pred`` against ``truth``, both normalised
+    (``normalize_answer``; as SQuAD scores free-form answers): partial credit where exact match has
+    none ("blurry" for "The image is blurry." scores 0.5)."""
+    p, t = normalize_answer(pred).split(), normalize_answer(truth).split()
+    if not p or not t:
+        return float(p == t)
+    common = sum((Counter(p) & Counter(t)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(p), common / len(t)
+    return 2 * precision * recall / (precision + recall)
 
 
 def first(n: int, limit: int) -> int:
