@@ -1,14 +1,12 @@
 """build_cifar_qa_csv: CIFAR-10 python batches and the Q/A CSV (params ``cifar``, ``qa``, ``seed``).
 
 Writes data/cifar/cifar-10-batches-py/ (generated shapes, or the official md5-verified tarball) and
-data/cifar_qa.csv: generated from the images and the facts table, or ``qa.csv_path`` once it validates.
+data/cifar_qa.csv: generated from the images and the facts table, or ``qa.csv_path`` once it validates,
+in the same columns, with its held-out images settled (``qa.split``, ``qa.heldout_fraction``).
 """
-from pathlib import Path
-
 from vlmpipe.core.errors import stage_entry
-from vlmpipe.core.io import atomic_path, write_bytes
+from vlmpipe.core.io import atomic_path
 from vlmpipe.core.stage import stage
-from vlmpipe.data.qa import read_qa_csv
 from vlmpipe.sources import cifar, qa
 from vlmpipe.sources.params import CifarParams, QaParams
 
@@ -20,9 +18,8 @@ def main() -> None:
     with stage("build_cifar_qa_csv", {"cifar": CifarParams, "qa": QaParams}) as s:
         with atomic_path(CIFAR_OUT) as tmp:
             cifar.build(s.p.cifar, s.p.seed, tmp)
-        if s.p.qa.csv_path:
-            read_qa_csv(s.p.qa.csv_path, CIFAR_OUT)  # raises a one-line UserError on the first problem
-            write_bytes(CSV_OUT, Path(s.p.qa.csv_path).read_bytes())
+        if s.p.qa.csv_path:  # a one-line UserError on the first problem
+            qa.write_user_csv(s.p.qa.csv_path, CSV_OUT, CIFAR_OUT, s.p.qa.split, s.p.qa.heldout_fraction, s.p.seed)
         else:
             qa.write_qa_csv(CSV_OUT, CIFAR_OUT, s.p.seed, s.p.qa.questions_per_image)
 

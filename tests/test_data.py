@@ -552,3 +552,210 @@ def test_user_csv_without_split_and_types(qa_csv, tiny_cifar, tmp_path):
     assert list(df.columns) == qa.COLUMNS and len(df) == 200
     assert set(df.Split) == {"train"} and set(df.T1) == {"unknown"}
     assert df.Dataset_Index.dtype == np.int64
+
+
+# --- the origin project's Q/A CSV, as its users have it ------------------------------
+
+ORIGIN_HEADER = ["Image_Number", "Dataset_Index", "Class_Label", "Q1", "A1", "Q2", "A2", "Q3", "A3", "Q4", "A4",
+                 "Q5", "A5", "Concat_Q", "Concat_A"]
+
+
+def _origin_turns(i: int, label: str) -> list[tuple[str, str]]:
+    """Five free-form questions and answers about image ``i`` of class ``label``, as a VLM wrote them."""
+    return [("Is the image blurry?", "The image is blurry." if i % 3 == 0 else "No"),
+            ("What is in the picture?", f"A {label} in the middle of the frame."),
+            ("Décrivez la scène, s'il vous plaît.", f"Un {label} près de l'eau — très « joli » ({i}°)."),
+            ('Is it "big"?', "Yes" if i % 2 else "No, it is rather small."),
+            ("What colour dominates?", f"Mostly {('blue', 'grey', 'green', 'brown')[i % 4]}, with some white.")]
+
+
+def _origin_csv(path: Path, labels, names, rows=None) -> Path:
+    """The origin project's CSV about the images with ``labels`` (class ids into ``names``): interleaved
+    Q/A columns, zero-padded Image_Number, Concat_* the five strings quoted and joined; ``rows``: which
+    images (all by default)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)  # its own \r\n line ends, and quotes only where a field needs them
+        w.writerow(ORIGIN_HEADER)
+        for i in range(len(labels)) if rows is None else rows:
+            turns = _origin_turns(i, names[labels[i]])
+            w.writerow([f"{i:05d}", i, names[labels[i]], *[x for qa_ in turns for x in qa_],
+                        ", ".join(f'"{q}"' for q, _ in turns), ", ".join(f'"{a}"' for _, a in turns)])
+    return path
+
+
+@pytest.fixture
+def origin_repo(tmp_path, monkeypatch):
+    """A working folder where build_cifar_qa_csv reads the official CIFAR-10 tarball (4 train and 2 test
+    images per class) and the origin project's CSV about its test split; returns (folder, test labels,
+    params)."""
+    import yaml
+
+    import standins
+
+    repo = tmp_path / "repo"
+    standins.cifar10_tarball(repo / "inputs/data", 4, 2, seed=0)
+    _, labels, _ = cifar_source.synthetic_split(0, "test", 2)  # what the tarball's test batch holds
+    _origin_csv(repo / "inputs/data/origin_qa.csv", labels, standins.CIFAR10_LABEL_NAMES)
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["cifar"].update(source="cifar10", local_path="inputs/data/cifar-10-python.tar.gz", verify=False)
+    params["qa"].update(csv_path="inputs/data/origin_qa.csv")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("VLMPIPE_TRACKING", "off")
+    monkeypatch.delenv("VLMPIPE_PARAMS", raising=False)
+    return repo, labels, params
+
+
+def _build(params: dict) -> int:
+    import yaml
+
+    from stages import build_cifar_qa_csv
+
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return build_cifar_qa_csv.main()
+
+
+def test_origin_csv_is_accepted_unchanged_and_trains(origin_repo):
+    """The origin project's CSV about CIFAR-10's test split, as it is: build_cifar_qa_csv finds the split
+    from the labels, holds out a seeded tenth of its images, and the QA stage's loading finds training
+    and held-out conversations with the features of the right images."""
+    import torch
+
+    import standins
+    from vlmpipe.data import features
+    from vlmpipe.qa.stage import qa_data
+
+    repo, labels, params = origin_repo
+    user_bytes = Path(params["qa"]["csv_path"]).read_bytes()
+    assert _build(params) == 0
+    assert Path(params["qa"]["csv_path"]).read_bytes() == user_bytes  # the user's file is untouched
+    written = Path("data/cifar_qa.csv").read_bytes()
+    with open("data/cifar_qa.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [*qa.COLUMNS, "Heldout"]
+    names = standins.CIFAR10_LABEL_NAMES
+    assert [(r["Dataset_Index"], r["Class_Label"], r["Split"]) for r in rows] == \
+        [(str(i), names[lab], "test") for i, lab in enumerate(labels)]
+    for i, r in enumerate(rows):  # every question and answer as the user wrote it, quotes and accents too
+        assert [(r[f"Q{k}"], r[f"A{k}"]) for k in range(1, 6)] == _origin_turns(i, names[labels[i]])
+        assert {r[f"T{k}"] for k in range(1, 6)} == {"unknown"}
+    held = [int(r["Dataset_Index"]) for r in rows if r["Heldout"] == "yes"]
+    assert len(held) == round(0.1 * len(labels)) and {r["Heldout"] for r in rows} == {"yes", "no"}
+
+    # The same seed holds out the same images; another seed, others.
+    assert _build(params) == 0 and Path("data/cifar_qa.csv").read_bytes() == written
+    assert _build({**params, "seed": params["seed"] + 1}) == 0
+    assert Path("data/cifar_qa.csv").read_bytes() != written
+    assert _build(params) == 0
+
+    # The QA stage's loading: cached features of both splits, each image's own value, so a row read from
+    # the wrong split shows.
+    enc = {"name": "test-encoder", "hash": "0"}
+    for split, offset in (("train", 0), ("test", 1000)):
+        n = len(cifar.load_split("data/cifar", split))
+        features.save("data/embeddings", "cifar", split, list(range(n)),
+                      torch.arange(offset, offset + n, dtype=torch.float32)[:, None, None], enc)
+    df, (tr_convs, tr_types, tr_feats), (te_convs, te_types, te_feats) = qa_data(
+        Path("data/cifar_qa.csv"), Path("data/cifar"), Path("data/embeddings"), enc)
+    assert len(tr_convs) == len(labels) - len(held) and len(te_convs) == len(held)
+    assert sorted(te_feats.flatten().long().tolist()) == [1000 + i for i in sorted(held)]
+    assert sorted(tr_feats.flatten().long().tolist()) == [1000 + i for i in range(len(labels)) if i not in held]
+    assert te_convs[0] == _origin_turns(held[0], names[labels[held[0]]])
+
+
+def test_origin_csv_refusals_name_file_and_row(origin_repo, capsys):
+    """A wrong qa.split and a label that fits no image: one `error:` line naming the file and the row,
+    and no output changed."""
+    import standins
+
+    repo, labels, params = origin_repo
+    assert _build(params) == 0
+    before = {p: p.read_bytes() for p in Path("data").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    src = params["qa"]["csv_path"]
+
+    def error(p) -> str:
+        assert _build(p) == 2
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    names = standins.CIFAR10_LABEL_NAMES
+    train = cifar.load_split("data/cifar", "train").labels
+    k = next(i for i, lab in enumerate(labels) if lab != train[i])  # the first row the train split contradicts
+    assert error({**params, "qa": {**params["qa"], "split": "train"}}) == (
+        f"error: {src}: data row {k + 1} (line {k + 2}), column Class_Label: {names[labels[k]]!r} does not match "
+        f"train image {k}, which is {names[train[k]]!r} (no Split column; qa.split is 'train')")
+    # One row's label changed: the rows before it match the test split, so that is what the line says.
+    text = Path(src).read_text(encoding="utf-8").splitlines(keepends=True)
+    wrong = next(n for n in names if n != names[labels[6]])
+    text[7] = text[7].replace(f",{names[labels[6]]},", f",{wrong},", 1)
+    Path(src).write_text("".join(text), encoding="utf-8")
+    assert error(params) == (
+        f"error: {src}: data row 7 (line 8), column Class_Label: {wrong!r} does not match test image 6, which is "
+        f"{names[labels[6]]!r} (no Split column: rows 1-6 match the test split; qa.split names the split)")
+    # The CSV about the test split with a Split column saying so, but qa.split says train.
+    _origin_csv(Path(src), labels, names)
+    rows = list(csv.reader(io.StringIO(Path(src).read_text(encoding="utf-8"))))
+    with open(src, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([r + ["Split" if k == 0 else "test"] for k, r in enumerate(rows)])
+    assert error({**params, "qa": {**params["qa"], "split": "train"}}) == (
+        f"error: {src}: data row 1 (line 2), column Split: 'test', but qa.split is 'train'")
+    assert {p: p.read_bytes() for p in Path("data").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("split", "val", "qa.split: must be 'auto', 'train' or 'test', got 'val'"),
+    ("heldout_fraction", 0.0, "qa.heldout_fraction: must be in (0, 1)"),
+    ("heldout_fraction", 1.0, "qa.heldout_fraction: must be in (0, 1)"),
+])
+def test_qa_split_params_are_validated(field, value, words):
+    from vlmpipe.sources.params import QaParams
+
+    QaParams().validate("qa")  # the defaults
+    with pytest.raises(UserError) as e:
+        QaParams(**{field: value}).validate("qa")
+    assert str(e.value) == words
+
+
+def test_a_one_split_csv_with_a_split_column_is_held_out_too(origin_repo):
+    """The CSV with Split=test added (it used to pass this stage and be refused two stages later)."""
+    repo, labels, params = origin_repo
+    src = Path(params["qa"]["csv_path"])
+    rows = list(csv.reader(io.StringIO(src.read_text(encoding="utf-8"))))
+    with open(src, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([r + ["Split" if k == 0 else "test"] for k, r in enumerate(rows)])
+    assert _build({**params, "qa": {**params["qa"], "heldout_fraction": 0.25}}) == 0
+    df = qa.read_qa_csv("data/cifar_qa.csv", "data/cifar")
+    held = df[qa.heldout(df)]
+    assert len(held) == 5 and set(df.Split) == {"test"} and len(qa.part(df, "train")) == len(labels) - 5
+
+
+def test_free_form_answers_get_token_f1_beside_the_blind_baseline(qa_csv, tiny_cifar, tmp_path):
+    """The origin CSV's answers are sentences: the QA evaluation names their type free-form and gives
+    token F1 (partial credit exact match cannot give) beside the blind baseline's; the generated CSV
+    has no free-form type, so its report is what it was."""
+    from vlmpipe.qa.evaluate import score_vqa
+    from vlmpipe.qa.heldout import free_form_types
+
+    test = cifar.load_split(tiny_cifar, "test")
+    src = _origin_csv(tmp_path / "origin.csv", test.labels, test.label_names)
+    df = qa_source.write_user_csv(src, tmp_path / "qa.csv", tiny_cifar, "auto", 0.2, seed=0)
+    assert free_form_types(df) == ["unknown"]
+    held = qa.part(df, "test")
+    truth = [[(q, a, "unknown") for q, a in _origin_turns(i, lab)]
+             for i, lab in zip(held.Dataset_Index, held.Class_Label)]
+    right = score_vqa(df, truth, [[a for _, a, _ in t] for t in truth])
+    ff = right["free_form"]
+    assert ff["types"] == ["unknown"] and ff["n_questions"] == 5 * len(held) == right["n_questions"]
+    assert ff["exact_match"] == ff["token_f1"] == 1.0 > ff["blind_token_f1"] > ff["blind_exact_match"]
+    # "frame" for "A circle in the middle of the frame.": no exact match, token F1 2·1·(1/5)/(1 + 1/5) = 1/3.
+    part_right = score_vqa(df, truth, [[a if k != 1 else "frame" for k, (_, a, _) in enumerate(t)] for t in truth])
+    assert part_right["free_form"]["exact_match"] == pytest.approx(4 / 5)
+    assert part_right["free_form"]["token_f1"] == pytest.approx((4 + 1 / 3) / 5)
+    assert part_right["free_form"]["blind_token_f1"] == ff["blind_token_f1"]
+
+    generated = qa.read_qa_csv(qa_csv, tiny_cifar)
+    assert free_form_types(generated) == []
+    rows = qa.part(generated, "test").head(3)
+    g_truth = [[(r[f"Q{k}"], r[f"A{k}"], r[f"T{k}"]) for k in range(1, 6)] for r in rows.to_dict("records")]
+    assert "free_form" not in score_vqa(generated, g_truth, [[a for _, a, _ in t] for t in g_truth])

@@ -54,7 +54,7 @@ def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
     repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
     _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
     header = "Dataset_Index,Class_Label,Split,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
-    good = f"0,{shapes.SHAPES[labels[0]]},train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n"
+    good = "".join(f"{i},{shapes.SHAPES[labels[i]]},train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n" for i in (0, 1))
     (repo / "inputs/data/user_qa.csv").write_text(header + good)
     assert _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo).returncode == 0
     before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
@@ -63,24 +63,30 @@ def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: inputs/data/user_qa.csv: data row 2 (line 3), column Dataset_Index: 'x' is not a non-negative integer"], r.stderr
+    assert errors == ["error: inputs/data/user_qa.csv: data row 3 (line 4), column Dataset_Index: 'x' is not a non-negative integer"], r.stderr
     # The earlier outputs are as they were, byte for byte, and nothing else was left in data/.
     assert {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()} == before
 
 
-def test_valid_user_csv_is_copied(tmp_path):
+def test_valid_user_csv_is_written_in_the_stage_columns(tmp_path):
+    """A user's CSV in its own columns, about train images only: written in the columns every later stage
+    reads, with the split, the default question type and one of its two images held out."""
     from vlmpipe.sources import cifar
     from vlmpipe.sources import shapes
 
     repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
     _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
-    label = shapes.SHAPES[labels[0]]
-    text = ("Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
-            f"0,{label},what is it?,,,,,{label},,,,\n")
+    names = [shapes.SHAPES[labels[i]] for i in (0, 1)]
+    text = "Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n" + "".join(
+        f"{i},{n},what is it?,,,,,{n},,,,\n" for i, n in enumerate(names))
     (repo / "inputs/data/user_qa.csv").write_text(text)
     r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
     assert r.returncode == 0, r.stderr
-    assert (repo / "data/cifar_qa.csv").read_text() == text
+    lines = (repo / "data/cifar_qa.csv").read_text().splitlines()
+    assert lines[0] == ("Dataset_Index,Class_Label,Split,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5,T1,T2,T3,T4,T5,Heldout")
+    assert [x.rsplit(",", 1)[0] for x in lines[1:]] == [f"{i},{n},train,what is it?,,,,,{n},,,,,unknown,,,,"
+                                                         for i, n in enumerate(names)]
+    assert sorted(x.rsplit(",", 1)[1] for x in lines[1:]) == ["no", "yes"]
 
 
 @pytest.mark.slow  # `dvc repro` of the data stages
@@ -122,7 +128,8 @@ def test_editing_the_user_csv_reruns_the_stage(tmp_path):
     label = shapes.SHAPES[labels[0]]
     csv_file = repo / "inputs/data/user_qa.csv"
     csv_file.write_text("Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
-                        f"0,{label},what is it?,,,,,{label},,,,\n")
+                        f"0,{label},what is it?,,,,,{label},,,,\n"
+                        f"1,{shapes.SHAPES[labels[1]]},what is it?,,,,,{shapes.SHAPES[labels[1]]},,,,\n")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "copy"]):
         assert _run(cmd, repo).returncode == 0

@@ -196,6 +196,95 @@ def test_qa_csv_path_is_a_folder(tiny_cifar, tmp_path):
     assert one_line(e) == f"{tmp_path}: a folder, not a Q/A CSV file"
 
 
+def _one_split_csv(path: Path, cifar_root: Path, rows: list[int], extra: dict | None = None) -> Path:
+    """The origin project's columns (no Split) about test images ``rows`` of ``cifar_root``; ``extra``:
+    column -> one value per row."""
+    from vlmpipe.data.cifar import load_split
+
+    test = load_split(cifar_root, "test")
+    extra = extra or {}
+    header = ["Image_Number", "Dataset_Index", "Class_Label", *[f"{c}{k}" for k in range(1, 6) for c in "QA"],
+              "Concat_Q", "Concat_A", *extra]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for n, i in enumerate(rows):
+            qa = [x for k in range(1, 6) for x in (f"Question {k}?", "No" if k % 2 else "The image is blurry.")]
+            w.writerow([f"{i:05d}", i, test.label_names[test.labels[i]], *qa, '"Question 1?"', '"No"',
+                        *[v[n] for v in extra.values()]])
+    return path
+
+
+@pytest.mark.parametrize("rows, extra, params, words", [
+    ([3], None, {}, "every row is about test image 3; holding images out for evaluation needs rows about two"),
+    ([3, 3], None, {}, "every row is about test image 3"),
+    ([0, 1, 2], {"Heldout": ["no", "no", "no"]}, {}, "column Heldout: no image is held out for evaluation"),
+    ([0, 1], {"Heldout": ["yes", "yes"]}, {}, "column Heldout: every image is held out, none left to train on"),
+    ([0, 1], {"Heldout": ["no", "maybe"]}, {}, "data row 2 (line 3), column Heldout: 'maybe' (expected 'yes' or 'no')"),
+    ([0, 1, 0], {"Heldout": ["yes", "no", "no"]}, {},
+     "data row 3 (line 4), column Heldout: 'no', but data row 1 about the same test image 0 says 'yes'"),
+    ([0, 1], {"Split": ["test", "test"]}, {"split": "train"},
+     "data row 1 (line 2), column Split: 'test', but qa.split is 'train'"),
+    ([0, 1], {"Split": ["test", "validation"]}, {}, "data row 2 (line 3), column Split: unknown split 'validation'"),
+])
+def test_qa_csv_split_requirements_are_checked_at_build(tiny_cifar, tmp_path, rows, extra, params, words):
+    """Whatever a later stage needs of the splits (training and held-out rows, an image held out whole)
+    is refused when build_cifar_qa_csv reads the CSV: one line naming the file and row, nothing written."""
+    from vlmpipe.sources.qa import write_user_csv
+
+    src = _one_split_csv(tmp_path / "user.csv", tiny_cifar, rows, extra)
+    dest = tmp_path / "out" / "cifar_qa.csv"
+    with pytest.raises(UserError) as e:
+        write_user_csv(src, dest, tiny_cifar, params.get("split", "auto"), 0.1, 0)
+    msg = one_line(e, str(src))
+    assert msg.startswith(f"{src}: ") and words in msg, msg
+    assert not dest.exists()
+
+
+def test_a_csv_matching_neither_split_says_so(tiny_cifar, tmp_path):
+    from vlmpipe.data.cifar import load_split
+    from vlmpipe.data.qa import read_qa_csv
+
+    train, test = load_split(tiny_cifar, "train"), load_split(tiny_cifar, "test")
+    src = _one_split_csv(tmp_path / "user.csv", tiny_cifar, [0, 1])
+    text = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    wrong = next(n for n in test.label_names if n not in (train.label_names[train.labels[0]],
+                                                          test.label_names[test.labels[0]]))
+    text[1] = text[1].replace(f",{test.label_names[test.labels[0]]},", f",{wrong},", 1)
+    src.write_text("".join(text), encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        read_qa_csv(src, tiny_cifar)
+    assert one_line(e, str(src)).endswith(f"column Class_Label: {wrong!r} does not match train image 0, which is "
+                                          f"{train.label_names[train.labels[0]]!r} (no Split column, and this row "
+                                          f"matches neither CIFAR split)")
+
+
+@SETTINGS
+@given(st.data())
+def test_one_split_csv_cells_replaced_never_fail_a_later_stage(tiny_cifar, tmp_path_factory, data):
+    """The origin project's one-split CSV with any text in any cell: refused in one line naming the file,
+    or written with training and held-out rows, every image held out whole, that read back."""
+    from vlmpipe.data.qa import heldout, part, read_qa_csv
+    from vlmpipe.sources.qa import write_user_csv
+
+    d = tmp_path_factory.mktemp("q")
+    src = _one_split_csv(d / "user.csv", tiny_cifar, list(range(12)))
+    rows = list(csv.reader(io.StringIO(src.read_text(encoding="utf-8"))))
+    r, c = data.draw(st.integers(1, len(rows) - 1)), data.draw(st.integers(0, len(rows[0]) - 1))
+    rows[r][c] = data.draw(ANY_TEXT)
+    with open(src, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    try:
+        write_user_csv(src, d / "cifar_qa.csv", tiny_cifar, "auto", data.draw(st.floats(0.01, 0.99)), 0)
+    except UserError as e:
+        one_line(e, str(src))
+        return
+    df = read_qa_csv(d / "cifar_qa.csv", tiny_cifar)
+    assert len(part(df, "train")) and len(part(df, "test"))
+    held = heldout(df)
+    assert not set(df.Dataset_Index[held]) & set(df.Dataset_Index[~held])
+
+
 # ------------------------------------------------------------------ COCO captions and archives
 
 def _annotations_zip(path: Path, captions: dict) -> Path:

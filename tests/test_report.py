@@ -32,3 +32,28 @@ def test_curves_baselines_and_gallery(tmp_path):
                         tmp_path / "gallery.html").read_text()
     assert "a red square" in page and "truth: no" in page and "class=bad" in page and "class=ok" in page
     assert page.count("data:image/png;base64,") == 2
+
+
+def test_the_gallery_shows_each_qa_example_from_its_own_split(tmp_path, tiny_cifar, tiny_coco, monkeypatch):
+    """A held-out image of a one-split CSV about the train split is drawn from the train split (its
+    example names the split); free-form token F1 stands beside its baseline in the plot."""
+    import numpy as np
+
+    from vlmpipe.data.cifar import load_split
+    from vlmpipe.evaluate import report
+
+    seen = {}
+    monkeypatch.setattr(report, "plot_curves", lambda dirs, out: [])
+    monkeypatch.setattr(report, "plot_baselines", lambda pairs, out: seen.setdefault("pairs", pairs) and out)
+    monkeypatch.setattr(report, "gallery_png", lambda caps, qa, out, chat=(): seen.setdefault("qa", qa) and out)
+    monkeypatch.setattr(report, "gallery_html", lambda caps, qa, metrics, out, chat=(): out)
+    metrics = {"siglip": {"zero_shot_acc": 0.9, "zero_shot_chance": 0.1},
+               "vqa": {"accuracy": 0.5, "blind_baseline": 0.3, "free_form": {"token_f1": 0.6, "blind_token_f1": 0.2}},
+               "captioner": {"cider": 1.0, "baseline_cider": 0.1, "bleu4": 0.2, "baseline_bleu4": 0.1}}
+    turns = [("is it blurry?", "no", "No", "unknown")]
+    report.evaluation_reports(tmp_path, metrics, [[3, "x", turns], [7, "y", turns, "train"]], [], 2, tiny_coco,
+                              tiny_cifar)
+    test, train = load_split(tiny_cifar, "test"), load_split(tiny_cifar, "train")
+    assert np.array_equal(np.asarray(seen["qa"][0].image), test.images[3])
+    assert np.array_equal(np.asarray(seen["qa"][1].image), train.images[7])
+    assert ("VQA token F1, free-form", 0.6, 0.2) in seen["pairs"]

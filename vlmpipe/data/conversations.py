@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from vlmpipe.models.qa_model import QA
-from vlmpipe.data.qa import A_COLS, Q_COLS, T_COLS
+from vlmpipe.data.qa import A_COLS, Q_COLS, T_COLS, part
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ def encode_conversation(tokenizer, turns: Sequence[tuple[str, str]],
 
 
 def frame_conversations(df, split: str) -> tuple[list[int], list[list[tuple[str, str]]], list[list[str]]]:
-    """(Dataset_Index per row, its (question, answer) turns, their question types) for one split of the Q/A CSV."""
-    rows = df[df["Split"] == split] if "Split" in df.columns else df
+    """(Dataset_Index per row, its (question, answer) turns, their question types) of the Q/A CSV's
+    training rows (``split`` "train") or held-out ones ("test"; ``vlmpipe.data.qa.heldout``)."""
+    rows = part(df, split) if "Split" in df.columns else df
     idx, convs, types = [], [], []
     for r in rows.to_dict("records"):
         turns = [(str(r[q]), str(r[a])) for q, a in zip(Q_COLS, A_COLS) if r.get(q)]

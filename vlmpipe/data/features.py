@@ -158,6 +158,19 @@ def features_for(root: str | os.PathLike, dataset: str, split: str, ids: Sequenc
     return emb[torch.as_tensor([pos[i] for i in ids], dtype=torch.long)]
 
 
+def cifar_features(root: str | os.PathLike, splits: Sequence[str], ids: Sequence[int], encoder: dict,
+                   where: str | os.PathLike) -> torch.Tensor:
+    """``features_for`` of CIFAR images ``ids``, each in its own split ``splits[k]`` (a Q/A CSV's
+    training or held-out rows may index either split), in that order."""
+    names = list(dict.fromkeys(splits))
+    if len(names) == 1:
+        return features_for(root, "cifar", names[0], ids, encoder, where)
+    rows = {s: [k for k, x in enumerate(splits) if x == s] for s in names}
+    feats = torch.cat([features_for(root, "cifar", s, [ids[k] for k in rows[s]], encoder, where) for s in names])
+    order = torch.as_tensor([k for s in names for k in rows[s]], dtype=torch.long)
+    return feats[torch.argsort(order)]
+
+
 # ---------------------------------------------------------------- computing
 
 

@@ -1,14 +1,19 @@
 """The CIFAR question/answer CSV: its columns and the reader that validates a CSV.
 
 Columns: ``Dataset_Index, Class_Label, Split, Q1..Q5, A1..A5, T1..T5``; one
-row per image of each split, ``Dataset_Index`` indexing that split's images
-and ``T`` giving the question type. build_cifar_qa_csv generates it
-(``vlmpipe/sources/qa.py``) or validates a user's CSV with ``read_qa_csv``.
+row per image, ``Dataset_Index`` indexing the images of its ``Split`` and
+``T`` giving the question type. An optional ``Heldout`` column ("yes"/"no")
+marks the images held out for evaluation; without it the test split is held
+out. build_cifar_qa_csv generates it (``vlmpipe/sources/qa.py``) or writes a
+user's CSV in these columns once ``read_qa_csv`` has validated it (users'
+files may order the columns as they like, add others, and leave out
+``Split``, ``T1..T5`` and ``Heldout``: see inputs/README.md).
 """
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
 from collections import Counter
@@ -26,17 +31,37 @@ Q_COLS = [f"Q{k}" for k in range(1, N_QUESTIONS + 1)]
 A_COLS = [f"A{k}" for k in range(1, N_QUESTIONS + 1)]
 T_COLS = [f"T{k}" for k in range(1, N_QUESTIONS + 1)]
 COLUMNS = ["Dataset_Index", "Class_Label", "Split", *Q_COLS, *A_COLS, *T_COLS]
+HELDOUT = "Heldout"
+
+log = logging.getLogger(__name__)
 
 
 def with_article(word: str) -> str:
     return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
-def qa_frame(rows: list[list[Any]]) -> pd.DataFrame:
-    """Rows in ``COLUMNS`` order as the frame every reader of the CSV gets."""
-    df = pd.DataFrame(rows, columns=COLUMNS)
+def qa_frame(rows: list[list[Any]], columns: list[str] = COLUMNS) -> pd.DataFrame:
+    """Rows in ``columns`` order (``COLUMNS``, and ``Heldout`` where the CSV has it) as the frame every
+    reader of the CSV gets."""
+    df = pd.DataFrame(rows, columns=columns)
     df["Dataset_Index"] = df["Dataset_Index"].astype(np.int64)
     return df
+
+
+def heldout(df: pd.DataFrame) -> pd.Series:
+    """Per row: is its image held out for evaluation? The ``Heldout`` column where the CSV has one,
+    else the test split."""
+    if HELDOUT in df.columns:
+        return df[HELDOUT] == "yes"
+    return df["Split"] == "test"
+
+
+def part(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The training rows (``name`` "train") or the held-out ones ("test")."""
+    if name not in SPLITS:
+        raise ValueError(f"part: 'train' or 'test', got {name!r}")
+    held = heldout(df)
+    return df[held if name == "test" else ~held]
 
 
 def qa_pairs(df: pd.DataFrame) -> list[tuple[int, str, str, str, str]]:
@@ -71,15 +96,8 @@ def _show(v: str) -> str:
     return repr(v if len(v) <= 40 else v[:37] + "...")
 
 
-def read_qa_csv(path: str | os.PathLike, cifar_root: str | os.PathLike) -> pd.DataFrame:
-    """Read and validate a Q/A CSV against the CIFAR images in ``cifar_root``.
-
-    Every problem is one ``UserError`` line naming the file, the data row
-    (1-based, header excluded) with its line in the file, and the column.
-    ``Split`` defaults to "train" and ``T1..T5`` to "unknown" when absent
-    (the original framework's CSVs have neither).
-    """
-    path = Path(path)
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+    """The header and the non-blank data rows of the CSV at ``path`` as (where, {column: stripped cell})."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -103,43 +121,109 @@ def read_qa_csv(path: str | os.PathLike, cifar_root: str | os.PathLike) -> pd.Da
     dup = [c for c, n in Counter(header).items() if n > 1]
     if dup:
         raise UserError(f"{path}: line 1 (header): duplicate column {dup[0]}")
-
-    splits: dict[str, Any] = {}
     rows = []
-    row_no = 0
     while True:
         try:
             rec = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
-            raise UserError(f"{path}: data row {row_no + 1} (line {reader.line_num}): not valid CSV ({e})") from None
+            raise UserError(f"{path}: data row {len(rows) + 1} (line {reader.line_num}): not valid CSV ({e})") from None
         if not rec or all(not c.strip() for c in rec):
             continue  # blank line
-        row_no += 1
-        where = f"{path}: data row {row_no} (line {reader.line_num})"
+        where = f"{path}: data row {len(rows) + 1} (line {reader.line_num})"
         if len(rec) != len(header):
             raise UserError(f"{where}: {len(rec)} fields, the header has {len(header)}")
-        get = dict(zip(header, (c.strip() for c in rec)))
+        rows.append((where, dict(zip(header, (c.strip() for c in rec)))))
+    if not rows:
+        raise UserError(f"{path}: no data rows")
+    return header, rows
 
-        split = get.get("Split", "train")
-        if split not in SPLITS:
-            raise UserError(f"{where}, column Split: unknown split {_show(split)} (expected 'train' or 'test')")
-        if split not in splits:
-            splits[split] = load_split(cifar_root, split)
-        data = splits[split]
 
-        raw = get["Dataset_Index"]
-        if not re.fullmatch(r"[0-9]+", raw):
-            raise UserError(f"{where}, column Dataset_Index: {_show(raw)} is not a non-negative integer")
-        idx = int(raw)
-        if idx >= len(data):
-            raise UserError(f"{where}, column Dataset_Index: {idx} is out of range (the {split} split has {len(data)} images, 0..{len(data) - 1})")
+def _image(where: str, get: dict[str, str], split: str, data, hint: str = "") -> tuple[int, str]:
+    """(Dataset_Index, class name) of a row whose index and label fit image ``Dataset_Index`` of ``data``."""
+    raw = get["Dataset_Index"]
+    if not re.fullmatch(r"[0-9]+", raw):
+        raise UserError(f"{where}, column Dataset_Index: {_show(raw)} is not a non-negative integer")
+    idx = int(raw)
+    if idx >= len(data):
+        raise UserError(f"{where}, column Dataset_Index: {idx} is out of range (the {split} split has "
+                        f"{len(data)} images, 0..{len(data) - 1}){hint}")
+    true = data.label_names[data.labels[idx]]
+    label = get["Class_Label"]
+    if label not in (true, str(int(data.labels[idx]))):
+        raise UserError(f"{where}, column Class_Label: {_show(label)} does not match {split} image {idx}, "
+                        f"which is {_show(true)}{hint}")
+    return idx, true
 
-        true = data.label_names[data.labels[idx]]
-        label = get["Class_Label"]
-        if label not in (true, str(int(data.labels[idx]))):
-            raise UserError(f"{where}, column Class_Label: {_show(label)} does not match {split} image {idx}, which is {_show(true)}")
+
+def _matched_rows(rows: list, data) -> int:
+    """How many leading rows name an image of ``data`` by index and label."""
+    for k, (where, get) in enumerate(rows):
+        try:
+            _image(where, get, "", data)
+        except UserError:
+            return k
+    return len(rows)
+
+
+def _detect_split(path: Path, rows: list, load) -> tuple[str, str]:
+    """(split, hint for errors) of a CSV without a Split column: the split whose images match every row
+    by Dataset_Index and Class_Label (train when both do); when neither does, the one matching more
+    leading rows, so that its first mismatch is the error."""
+    matched = {split: _matched_rows(rows, load(split)) for split in SPLITS}
+    full = [s for s in SPLITS if matched[s] == len(rows)]
+    if full:
+        if len(full) > 1:
+            log.warning("%s: no Split column, and every row matches both CIFAR splits: read as the train split "
+                        "(qa.split chooses)", path)
+        else:
+            log.info("%s: no Split column; Dataset_Index read as the %s split (every Class_Label matches it)",
+                     path, full[0])
+        return full[0], ""
+    split = max(SPLITS, key=lambda s: matched[s])
+    k = matched[split]
+    return split, (f" (no Split column: rows 1-{k} match the {split} split; qa.split names the split)" if k else
+                   " (no Split column, and this row matches neither CIFAR split)")
+
+
+def read_qa_csv(path: str | os.PathLike, cifar_root: str | os.PathLike, split: str = "auto") -> pd.DataFrame:
+    """Read and validate a Q/A CSV against the CIFAR images in ``cifar_root``.
+
+    Every problem is one ``UserError`` line naming the file, the data row
+    (1-based, header excluded) with its line in the file, and the column.
+    Columns are found by name, in any order; others (``Image_Number``,
+    ``Concat_Q``, ...) are ignored. ``T1..T5`` default to "unknown". Without a
+    ``Split`` column every row indexes one split: ``split`` ("train" or
+    "test"), or with "auto" the one whose labels match every row. With one,
+    ``split`` other than "auto" must be what each row says. ``Heldout``
+    ("yes"/"no", the same for every row of an image) is kept when present.
+    """
+    path = Path(path)
+    header, rows = _read_rows(path)
+    splits: dict[str, Any] = {}
+
+    def load(s: str):
+        if s not in splits:
+            splits[s] = load_split(cifar_root, s)
+        return splits[s]
+
+    hint = ""
+    if "Split" not in header:
+        if split == "auto":
+            split, hint = _detect_split(path, rows, load)
+        else:
+            hint = f" (no Split column; qa.split is {split!r})"
+    has_heldout = HELDOUT in header
+    held_by_image: dict[tuple[str, int], tuple[str, int]] = {}
+    out = []
+    for row_no, (where, get) in enumerate(rows, start=1):
+        row_split = get.get("Split", split)
+        if row_split not in SPLITS:
+            raise UserError(f"{where}, column Split: unknown split {_show(row_split)} (expected 'train' or 'test')")
+        if split != "auto" and row_split != split:
+            raise UserError(f"{where}, column Split: {_show(row_split)}, but qa.split is {split!r}")
+        idx, true = _image(where, get, row_split, load(row_split), hint)
 
         qs, ans, ts = [], [], []
         for q_col, a_col, t_col in zip(Q_COLS, A_COLS, T_COLS):
@@ -153,7 +237,15 @@ def read_qa_csv(path: str | os.PathLike, cifar_root: str | os.PathLike) -> pd.Da
             ts.append((get.get(t_col) or "unknown") if q else "")
         if not any(qs):
             raise UserError(f"{where}, column Q1: the row has no question")
-        rows.append([idx, true, split, *qs, *ans, *ts])
-    if not rows:
-        raise UserError(f"{path}: no data rows")
-    return qa_frame(rows)
+        row = [idx, true, row_split, *qs, *ans, *ts]
+        if has_heldout:
+            held = get[HELDOUT]
+            if held not in ("yes", "no"):
+                raise UserError(f"{where}, column {HELDOUT}: {_show(held)} (expected 'yes' or 'no')")
+            first = held_by_image.setdefault((row_split, idx), (held, row_no))
+            if first[0] != held:
+                raise UserError(f"{where}, column {HELDOUT}: {held!r}, but data row {first[1]} about the same "
+                                f"{row_split} image {idx} says {first[0]!r} (an image is held out with all its rows)")
+            row.append(held)
+        out.append(row)
+    return qa_frame(out, [*COLUMNS, HELDOUT] if has_heldout else COLUMNS)

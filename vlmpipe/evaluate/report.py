@@ -209,16 +209,20 @@ def evaluation_reports(reports: Path, metrics: Mapping, qa_examples: Sequence, c
         # (no retrieval over fewer than two held-out images: evaluate.max_images 1)
         *([("SigLIP i2t R@1", sig["i2t_r1"], sig["r1_chance"])] if "i2t_r1" in sig else []),
         ("VQA accuracy", vqa["accuracy"], vqa["blind_baseline"]),
+        *([("VQA token F1, free-form", vqa["free_form"]["token_f1"], vqa["free_form"]["blind_token_f1"])]
+          if "free_form" in vqa else []),
         ("CIDEr", cap["cider"], cap["baseline_cider"]),
         ("BLEU-4", cap["bleu4"], cap["baseline_bleu4"]),
         *([("chat exact match", metrics["chat"]["exact_match"], metrics["chat"]["blind_baseline"])]
           if "chat" in metrics else []),
     ], plots / "baselines.png"))
     n = gallery_images
-    coco_val, cifar_test = CocoCaptions(coco_root, "val"), load_split(cifar_root, "test")
+    coco_val = CocoCaptions(coco_root, "val")
     caps = [CaptionExample(coco_val.image(i), g, refs) for i, g, refs in cap_examples[:n]]
-    qa = [QAExample(Image.fromarray(cifar_test.images[idx]), label, [(q, a, t) for q, a, t, _ in turns])
-          for idx, label, turns in qa_examples[:n]]
+    # A Q/A example names its CIFAR split after its turns where that is not the test split.
+    cifar = {s: load_split(cifar_root, s) for s in {"test", *(ex[3] for ex in qa_examples[:n] if len(ex) > 3)}}
+    qa = [QAExample(Image.fromarray(cifar[split[0] if split else "test"].images[idx]), label,
+                    [(q, a, t) for q, a, t, _ in turns]) for idx, label, turns, *split in qa_examples[:n]]
     # Dialogues about the held-out COCO images (their own train2017 images where the source has no val ones).
     coco_train = CocoCaptions(coco_root, "train")
     val_ids = set(coco_val.ids)

@@ -1,14 +1,23 @@
 """The QA model on held-out conversations: loss, teacher-forced answer accuracy and greedy exact match
-turn by turn (the true earlier turns as history), and the blind baseline it must beat."""
+turn by turn (the true earlier turns as history), the blind baseline it must beat, and which question
+types have free-form answers."""
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Sequence
 
 import torch
 
 from vlmpipe.data.conversations import QADataset, frame_conversations
+from vlmpipe.data.qa import qa_pairs
 from vlmpipe.scoring.heldout import exact_match, predict_turns, teacher_forced_totals
-from vlmpipe.scoring.metrics import BlindBaseline
+from vlmpipe.scoring.metrics import BlindBaseline, normalize_answer
+
+# A question type's answers are free-form when they take more than this many distinct (normalised)
+# values, or average more than FREE_FORM_WORDS words: a class, yes/no, a colour or a count (every
+# generated type) stays far below both; sentences such as "The image is blurry." do not.
+FREE_FORM_ANSWERS = 30
+FREE_FORM_WORDS = 3.0
 
 
 @torch.no_grad()
@@ -23,6 +32,15 @@ def qa_scores(model, data: QADataset, batch_size: int = 64,
         out["exact_match"] = exact_match(predict_turns(model, data, questions, batch_size),
                                          [data.conversations[i][j][1] for i, j in questions])
     return out
+
+
+def free_form_types(df) -> list[str]:
+    """The question types of the Q/A CSV ``df`` whose answers are free-form (``FREE_FORM_ANSWERS``)."""
+    answers: dict[str, list[str]] = defaultdict(list)
+    for _, _, _, a, t in qa_pairs(df):
+        answers[t].append(normalize_answer(a))
+    return sorted(t for t, a in answers.items()
+                  if len(set(a)) > FREE_FORM_ANSWERS or sum(len(x.split()) for x in a) / len(a) > FREE_FORM_WORDS)
 
 
 def blind_baseline(df) -> BlindBaseline:

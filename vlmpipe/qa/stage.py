@@ -10,7 +10,7 @@ import torch
 
 from vlmpipe.data import features as embeddings
 from vlmpipe.data.conversations import QADataset, frame_conversations
-from vlmpipe.data.qa import read_qa_csv
+from vlmpipe.data.qa import part, read_qa_csv
 from vlmpipe.core.errors import UserError
 from vlmpipe.scoring.metrics import normalize_answer, vqa_accuracy
 from vlmpipe.qa.heldout import blind_baseline, qa_scores
@@ -24,6 +24,21 @@ from vlmpipe.loop.train import FitResult, TrainTask, fingerprint, fit, mfu_text
 log = logging.getLogger(__name__)
 
 
+def qa_data(csv_path: Path, cifar_root: Path, embeddings_root: Path, encoder: dict):
+    """(the Q/A CSV, then for its training rows and its held-out ones: the conversations, their question
+    types and the cached features of their images, made by ``encoder``)."""
+    df = read_qa_csv(csv_path, cifar_root)
+    out = [df]
+    for name in ("train", "test"):
+        idx, convs, types = frame_conversations(df, name)
+        if not convs:  # build_cifar_qa_csv writes both; a hand-edited copy may lack one
+            raise UserError(f"{csv_path}: no {'training' if name == 'train' else 'held-out'} rows; rerun "
+                            f"build_cifar_qa_csv")
+        splits = part(df, name)["Split"].tolist()
+        out.append((convs, types, embeddings.cifar_features(embeddings_root, splits, idx, encoder, csv_path)))
+    return tuple(out)
+
+
 def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, cifar_root: Path, embeddings_root: Path,
               siglip_dir: Path, base_dir: Path, out_dir: Path, ckpt_dir: Path, report_dir: Path,
               run: Any = None) -> FitResult:
@@ -33,15 +48,10 @@ def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, 
     For ``base_model: tiny`` the base is the warmed-up tiny Phi in ``base_dir`` (prepare_qa_base).
     ``res.metrics`` ends with the held-out exact match beside the blind baseline, by question type.
     """
-    df = read_qa_csv(csv_path, cifar_root)
-    tr_idx, tr_convs, _ = frame_conversations(df, "train")
-    te_idx, te_convs, te_types = frame_conversations(df, "test")
-    if not tr_convs or not te_convs:
-        raise UserError(f"{csv_path}: needs rows of both splits (train: {len(tr_convs)}, test: {len(te_convs)})")
     # The cache must come from the trained SigLIP that `ask` will featurise new images with.
     encoder = {**embeddings.siglip_identity(siglip_dir), "path": relative_path(siglip_dir, out_dir)}
-    tr_feats = embeddings.features_for(embeddings_root, "cifar", "train", tr_idx, encoder, csv_path)
-    te_feats = embeddings.features_for(embeddings_root, "cifar", "test", te_idx, encoder, csv_path)
+    df, (tr_convs, _, tr_feats), (te_convs, te_types, te_feats) = qa_data(csv_path, cifar_root, embeddings_root,
+                                                                          encoder)
     model = build_qa_model(p, p.base(base_dir), device, encoder=encoder, feature_dim=int(tr_feats.shape[-1]),
                            regions=int(tr_feats.shape[1]), seed=seed)
     train = QADataset(model.tokenizer, tr_feats, tr_convs, p.max_seq_len)

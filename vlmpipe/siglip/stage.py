@@ -7,7 +7,7 @@ from typing import Any
 
 from vlmpipe.data.cifar import load_split
 from vlmpipe.data.image_texts import ImageTextPairs, image_texts, retrieval_captions
-from vlmpipe.data.qa import read_qa_csv
+from vlmpipe.data.qa import part, read_qa_csv
 from vlmpipe.siglip.heldout import retrieval_metrics
 from vlmpipe.core.io import atomic_path
 from vlmpipe.models.siglip.model import build_siglip
@@ -20,11 +20,12 @@ log = logging.getLogger(__name__)
 
 def run_stage(s, *, seed: int, cifar_root: Path, csv_path: Path, out_dir: Path, ckpt_dir: Path,
               report_dir: Path, run: Any = None) -> FitResult:
-    """SigLIP (``SiglipParams`` ``s``) on the CIFAR train split and the CSV's texts; held-out zero-shot
-    accuracy and retrieval on the test split after every epoch."""
+    """SigLIP (``SiglipParams`` ``s``) on the CIFAR train split and the texts of the CSV's training rows
+    (none about an image held out for the QA model); held-out zero-shot accuracy and retrieval on the
+    test split after every epoch."""
     train, test = load_split(cifar_root, "train"), load_split(cifar_root, "test")
     df = read_qa_csv(csv_path, cifar_root)
-    tr = image_texts(df, "train", len(train), train.label_names)
+    tr = image_texts(part(df, "train"), "train", len(train), train.label_names)  # no held-out image's answers
     te = image_texts(df, "test", len(test), test.label_names)
     test_captions = retrieval_captions(te, test.labels)
     texts = tr.prompts + [c for c in tr.captions if c] + [t for ts in tr.qa_texts for t in ts]

@@ -89,13 +89,22 @@ class CifarParams:
 
 @dataclass
 class QaParams:
-    # Empty: generate data/cifar_qa.csv. A path: validate and use that CSV.
+    # Empty: generate data/cifar_qa.csv. A path: validate and use that CSV (formats: inputs/README.md).
     csv_path: str = ""
     questions_per_image: int = 5
+    # The CIFAR split a user's CSV without a Split column indexes: "train", "test", or "auto" (the one
+    # whose images' labels match every row's Class_Label; logged; train if both do).
+    split: str = "auto"
+    # A user's CSV about one split only, without a Heldout column: this fraction of its images (seeded,
+    # by image) is held out for evaluation.
+    heldout_fraction: float = 0.1
 
     def validate(self, key: str) -> None:
         check(1 <= self.questions_per_image <= 5, f"{key}.questions_per_image", "must be between 1 and 5")
         check_input_path(self.csv_path, f"{key}.csv_path", "data")
+        check(self.split in ("auto", "train", "test"), f"{key}.split",
+              f"must be 'auto', 'train' or 'test', got {self.split!r}")
+        check(0 < self.heldout_fraction < 1, f"{key}.heldout_fraction", "must be in (0, 1)")
 
 
 @dataclass

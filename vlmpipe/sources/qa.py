@@ -1,4 +1,5 @@
-"""Generating the CIFAR question/answer CSV (build_cifar_qa_csv; columns in ``vlmpipe.data.qa``).
+"""The CIFAR question/answer CSV of build_cifar_qa_csv (columns in ``vlmpipe.data.qa``): generated, or
+the user's ``qa.csv_path`` validated and written in those columns (``write_user_csv``).
 
 Every answer is derived from something the project knows, never guessed:
 
@@ -13,6 +14,11 @@ Every answer is derived from something the project knows, never guessed:
 
 Questions are drawn from several paraphrases per type with a generator
 seeded by (seed, split, index): same seed, same bytes.
+
+A user's CSV about one split only (the origin project's labelled CIFAR-10's
+test split) gets a ``Heldout`` column: a seeded ``qa.heldout_fraction`` of its
+images, every row about them, is held out for evaluation. Every later stage
+then finds training and held-out rows.
 """
 from __future__ import annotations
 
@@ -29,9 +35,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from vlmpipe.core.errors import UserError
 from vlmpipe.core.io import write_text
 from vlmpipe.data.cifar import SPLITS, load_split
-from vlmpipe.data.qa import COLUMNS, N_QUESTIONS, qa_frame, with_article
+from vlmpipe.data.qa import COLUMNS, HELDOUT, N_QUESTIONS, heldout, qa_frame, read_qa_csv, with_article
 from vlmpipe.sources import shapes
 
 log = logging.getLogger(__name__)
@@ -160,10 +167,10 @@ def generate_rows(data, split: str, seed: int, questions_per_image: int) -> list
     return rows
 
 
-def _to_csv(rows: list[list[Any]]) -> str:
+def _to_csv(rows: list[list[Any]], columns: list[str] = COLUMNS) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
+    w.writerow(columns)
     w.writerows(rows)
     return buf.getvalue()
 
@@ -176,4 +183,40 @@ def write_qa_csv(dest: str | os.PathLike, cifar_root: str | os.PathLike, seed: i
     write_text(dest, _to_csv(rows))
     df = qa_frame(rows)
     log.info("%s: %d rows", dest, len(df))
+    return df
+
+
+def hold_out(df: pd.DataFrame, fraction: float, seed: int, src: str | os.PathLike) -> pd.DataFrame:
+    """``df`` (rows of one split) with a ``Heldout`` column: a seeded ``fraction`` of its images, at least
+    one and never all, held out with every row about them."""
+    split = str(df["Split"].iloc[0])
+    images = sorted(set(df["Dataset_Index"].tolist()))
+    if len(images) < 2:
+        raise UserError(f"{src}: every row is about {split} image {images[0]}; holding images out for "
+                        f"evaluation needs rows about two images at least")
+    n = min(len(images) - 1, max(1, round(fraction * len(images))))
+    # Stream (seed, 3): apart from the generator's (seed, split, index) ones.
+    held = set(np.random.default_rng([seed, 3]).choice(images, size=n, replace=False).tolist())
+    log.info("%s: rows of the %s split only: %d of its %d images held out for evaluation (qa.heldout_fraction "
+             "%g, seed %d)", src, split, n, len(images), fraction, seed)
+    return df.assign(**{HELDOUT: ["yes" if i in held else "no" for i in df["Dataset_Index"].tolist()]})
+
+
+def write_user_csv(src: str | os.PathLike, dest: str | os.PathLike, cifar_root: str | os.PathLike, split: str,
+                   heldout_fraction: float, seed: int) -> pd.DataFrame:
+    """Validate the user's CSV ``src`` against ``cifar_root`` (``split``: ``qa.split``), settle which
+    images are held out (``hold_out`` when it has one split and no ``Heldout`` column), check that
+    training and held-out rows are both there, and write it to ``dest`` in the columns of
+    ``vlmpipe.data.qa``; returns it."""
+    df = read_qa_csv(src, cifar_root, split)
+    if HELDOUT not in df.columns and df["Split"].nunique() == 1:
+        df = hold_out(df, heldout_fraction, seed, src)
+    held = heldout(df)
+    if held.all() or not held.any():  # only a user's own Heldout column gets here
+        raise UserError(f"{src}: column {HELDOUT}: " + ("every image is held out, none left to train on"
+                                                        if held.all() else "no image is held out for evaluation"))
+    columns = [*COLUMNS, HELDOUT] if HELDOUT in df.columns else COLUMNS
+    write_text(dest, _to_csv(df[columns].values.tolist(), columns))
+    log.info("%s: %d rows from %s (%s), %d of them held out", dest, len(df), src,
+             " and ".join(f"{n} {s}" for s, n in df["Split"].value_counts().sort_index().items()), int(held.sum()))
     return df
