@@ -46,7 +46,9 @@ def overrides(mirror: str) -> dict:
     # Two processes: each batch splits across them, then into micro-batches (batch % (2 x grad_accum) == 0).
     cpu = {"device": "cpu", "epochs": 1, "checkpoint_every": 0}
     return {
-        "coco": {"url": f"{mirror}/coco", "verify": False},
+        # COCO 2017's own split: the rehearsal checks that COCO's archives are linked, not copied, which
+        # Karpathy's split does not do (tests/test_coco_karpathy.py runs coco.split: karpathy).
+        "coco": {"url": f"{mirror}/coco", "verify": False, "split": "coco2017"},
         "cifar": {"url": f"{mirror}/cifar/cifar-10-python.tar.gz", "verify": False},
         "siglip": {"train": {**cpu, "batch_size": 8}},
         "embeddings": {"device": "cpu", "batch_size": 8},

@@ -64,9 +64,11 @@ def full_offline(tmp_path, monkeypatch):
                         f'  url: "http://127.0.0.1:{port}/cifar-10-python.tar.gz"', 1)
     text = text.replace("  url: ''                # llava_instruct_150k: a mirror",
                         f'  url: "http://127.0.0.1:{port}/llava_instruct_150k.json"  #', 1)
+    text = text.replace("  split_url: ''     # karpathy: a mirror's URL",
+                        f'  split_url: "http://127.0.0.1:{port}/karpathy/caption_datasets.zip"  #', 1)
     (tmp_path / "params.yaml").write_text(text)
     p = load_params(tmp_path / "params.yaml")
-    assert p.coco.url and p.cifar.url and p.conversations.url
+    assert p.coco.url and p.cifar.url and p.conversations.url and p.coco.split_url and p.coco.split == "karpathy"
     return p, _repo(tmp_path)
 
 
@@ -77,6 +79,7 @@ def test_offline_first_stage_names_everything_missing_in_one_line(full_offline):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("download_coco: cannot fetch what the params need: ")
     for what in ("annotations_trainval2017.zip (coco.url)", "train2017.zip (coco.url)", "val2017.zip (coco.url)",
+                 "caption_datasets.zip (coco.split_url)",
                  "cifar-10-python.tar.gz (cifar.url, for build_cifar_qa_csv)",
                  f"openai/clip-vit-base-patch16@{p.captioner.vision_encoder_revision} (captioner.vision_encoder",
                  f"microsoft/phi-2@{p.phi2.revision} (phi2.base_model, for train_phi2_qlora)",
@@ -112,6 +115,29 @@ def test_what_is_on_disk_passes(full_offline, tmp_path):
     with pytest.raises(UserError) as e:
         preflight("download_coco", p, dvc_yaml)
     assert "2017.zip" not in str(e.value) and "microsoft/phi-2@" in str(e.value)
+
+
+def test_the_karpathy_split_file_is_a_need_of_download_coco(full_offline, tmp_path, monkeypatch):
+    """Downloaded from Karpathy's site (or a mirror), or the user's copy under inputs/data/; none with
+    coco.split: coco2017."""
+    from vlmpipe.sources import remote
+
+    p, _ = full_offline
+    [need] = [n for n in stage_needs("download_coco", p) if n.key.startswith("coco.split")]
+    assert (need.key, need.what) == ("coco.split_url", "caption_datasets.zip") and not need.present()
+    assert "caption_datasets.zip in " in need.problem() and "coco.split_path" in need.problem()
+    p.coco.split_url = ""
+    [need] = [n for n in stage_needs("download_coco", p) if n.key.startswith("coco.split")]
+    assert need.key == "coco.split" and remote.karpathy_split() == (remote.KARPATHY_SPLITS, "caption_datasets.zip")
+    monkeypatch.chdir(tmp_path)
+    p.coco.split_path = "inputs/data/dataset_coco.json"
+    [need] = [n for n in stage_needs("download_coco", p) if n.key.startswith("coco.split")]
+    assert need.key == "coco.split_path" and not need.present() and "does not exist" in need.problem()
+    (tmp_path / "inputs/data").mkdir(parents=True)
+    (tmp_path / "inputs/data/dataset_coco.json").write_text("{}")
+    assert need.present()
+    p.coco.split = "coco2017"
+    assert not [n for n in stage_needs("download_coco", p) if n.key.startswith("coco.split")]
 
 
 def test_the_offline_default_needs_nothing(tmp_path):

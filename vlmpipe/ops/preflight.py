@@ -107,6 +107,16 @@ def _coco_needs(p) -> list[Need]:
                                  remote.coco_url(name, p.coco.url),
                                  f"put {name} in {ddir}, or set coco.local_dir to a folder holding the "
                                  "three archives, or coco.url to a mirror"))
+    if p.coco.split == "karpathy":  # the split file
+        if p.coco.split_path:
+            f = Path(p.coco.split_path)
+            out.append(Need("coco.split_path", str(f), f.is_file, lambda: f"{f} does not exist"))
+        else:
+            url, name = remote.karpathy_split(p.coco.split_url)
+            dest = default_download_dir() / "karpathy" / name
+            out.append(_url_need("coco.split_url" if p.coco.split_url else "coco.split", name, dest, url,
+                                 f"put {name} in {dest.parent}, or set coco.split_path to a copy under "
+                                 "inputs/data/, or coco.split_url to a mirror"))
     return out
 
 

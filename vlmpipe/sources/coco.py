@@ -11,6 +11,11 @@ taken from ``coco.local_dir``; for ``synthetic`` they are generated from the sha
 ``ingest`` then writes the output folder that ``vlmpipe.data.coco.CocoCaptions`` reads, keeping
 ``coco.max_images`` images per split (a seeded subset).
 
+``coco.split: karpathy`` splits the same images as captioning papers do: ``ingest_karpathy`` writes
+the same layout, with train = Karpathy's train + restval and val = Karpathy's test, each image taken
+from whichever COCO 2017 archive holds it (``{cocoid:012d}.jpg``) with its captions from the COCO
+2017 caption files. Karpathy's val images are left out.
+
 Synthetic images are JPEG (quality 95, no chroma subsampling): the real format, so the real
 decoder and file names are exercised, while 4:4:4 keeps the colour edges of small shapes crisp.
 """
@@ -31,10 +36,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlmpipe.core.download import default_download_dir, download, open_zip, verify_file
+from vlmpipe.core.download import default_download_dir, download, file_digest, open_zip, verify_file
 from vlmpipe.core.errors import UserError
-from vlmpipe.data.coco import (MAX_IMAGE_BYTES, SPLITS, captions_member, check_member_size, image_member,
-                               load_captions_json)
+from vlmpipe.data.coco import (MAX_CAPTIONS_BYTES, MAX_IMAGE_BYTES, SPLITS, captions_member, check_member_size,
+                               image_member, load_captions_json)
 from vlmpipe.sources import remote, shapes
 
 log = logging.getLogger(__name__)
@@ -168,12 +173,15 @@ def _copy_images(src_zip: Path, dst_zip: Path, members: list[str], link: bool) -
             return
         with zipfile.ZipFile(dst_zip, "w", allowZip64=True) as zout:
             for name in tqdm(members, desc=dst_zip.name, mininterval=2.0, leave=False):
-                check_member_size(zin, src_zip, name, MAX_IMAGE_BYTES)
-                try:
-                    data = zin.read(name)  # checks the member's CRC
-                except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-                    raise UserError(f"{src_zip}: member {name} is corrupt ({e})") from None
-                _zip_write(zout, name, data)
+                _zip_write(zout, name, _read_image(zin, src_zip, name))
+
+
+def _read_image(zin: zipfile.ZipFile, src_zip: Path, name: str) -> bytes:
+    check_member_size(zin, src_zip, name, MAX_IMAGE_BYTES)
+    try:
+        return zin.read(name)  # checks the member's CRC
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise UserError(f"{src_zip}: member {name} is corrupt ({e})") from None
 
 
 def ingest(src: str | os.PathLike, out: str | os.PathLike, max_images: int, seed: int, *,
@@ -213,6 +221,134 @@ def ingest(src: str | os.PathLike, out: str | os.PathLike, max_images: int, seed
     return counts
 
 
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def read_karpathy(path: str | os.PathLike) -> dict[str, list[int]]:
+    """cocoids by Karpathy split ("train", "restval", "val", "test") from ``path``: dataset_coco.json,
+    or a zip holding it (Karpathy's caption_datasets.zip)."""
+    path = Path(path)
+    where = str(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with open_zip(path) as zf:
+                names = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == remote.KARPATHY_FILE]
+                if not names:
+                    raise UserError(f"{path}: no {remote.KARPATHY_FILE} in this archive "
+                                    "(caption_datasets.zip holds it)")
+                where = f"{path}: {names[0]}"
+                check_member_size(zf, path, names[0], MAX_CAPTIONS_BYTES)
+                data = json.loads(zf.read(names[0]))
+        else:
+            if path.stat().st_size > MAX_CAPTIONS_BYTES:
+                raise UserError(f"{path}: {path.stat().st_size} bytes, more than {MAX_CAPTIONS_BYTES}: "
+                                "not a split file")
+            data = json.loads(path.read_bytes())
+    except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, RecursionError) as e:
+        raise UserError(f"{where}: not a readable JSON split file ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UserError(f"{where}: not a Karpathy split file (dataset_coco.json has an 'images' list)")
+    if data.get("dataset", "coco") != "coco":
+        raise UserError(f"{where}: the Karpathy split of {str(data['dataset'])[:40]}, not of COCO "
+                        f"({remote.KARPATHY_FILE} is COCO's)")
+    splits: dict[str, list[int]] = {s: [] for s in KARPATHY_SPLITS}
+    seen: dict[int, int] = {}
+    for i, im in enumerate(data["images"]):
+        cocoid, split = (im.get("cocoid"), im.get("split")) if isinstance(im, dict) else (None, None)
+        if type(cocoid) is not int or split not in splits:
+            raise UserError(f"{where}: images[{i}] needs an integer 'cocoid' and a 'split' of "
+                            f"{', '.join(KARPATHY_SPLITS)}")
+        if cocoid in seen:
+            raise UserError(f"{where}: cocoid {cocoid} is listed twice (images[{seen[cocoid]}] and images[{i}])")
+        seen[cocoid] = i
+        splits[split].append(cocoid)
+    for split in ("train", "test"):
+        if not splits[split]:
+            raise UserError(f"{where}: no image is in Karpathy's {split} split")
+    return splits
+
+
+def karpathy_file(params, download_dir: str | os.PathLike | None = None) -> Path:
+    """The split file of ``params`` (``CocoParams``): the user's ``split_path``, or downloaded; checked
+    against ``split_sha256`` when set."""
+    sha = params.split_sha256.lower() or None
+    if params.split_path:
+        path = Path(params.split_path)
+        try:
+            verify_file(path, sha256=sha)
+        except UserError as e:
+            raise UserError(f"coco.{'split_sha256' if path.is_file() else 'split_path'}: {e}") from None
+    else:
+        url, name = remote.karpathy_split(params.split_url)
+        ddir = (Path(download_dir) if download_dir else default_download_dir()) / "karpathy"
+        path = download(url, ddir / name, sha256=sha, key="coco.split_url" if params.split_url else "coco.split",
+                        hint=f"put {name} in {ddir}, or set coco.split_path to a copy under inputs/data/, "
+                             "or coco.split_url to a mirror")
+    if not sha:
+        log.warning("%s: sha256 %s, not checked (none is published): set coco.split_sha256 to it to pin "
+                    "this file", path, file_digest(path, "sha256"))
+    return path
+
+
+def ingest_karpathy(src: str | os.PathLike, out: str | os.PathLike, karpathy: dict[str, list[int]],
+                    split_file: str | os.PathLike, max_images: int, seed: int) -> dict[str, int]:
+    """Write the output folder from an official-format source folder, split as ``karpathy``
+    (``read_karpathy`` of ``split_file``) says; return images per split. Every image the split file
+    names must be a captioned image of the COCO 2017 caption files; the ones used must be in their
+    archive."""
+    src, out = Path(src), Path(out)
+    wanted = {"train": karpathy["train"] + karpathy["restval"], "val": karpathy["test"]}
+    ann_zip = src / ANNOTATIONS_ZIP
+    with open_zip(ann_zip) as zf:
+        captions = {split: load_captions_json(zf, ann_zip, captions_member(split)) for split in SPLITS}
+    home: dict[int, str] = {}  # cocoid -> the COCO 2017 split holding it
+    images: dict[int, dict] = {}
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for split in SPLITS:
+        for im in captions[split]["images"]:
+            home[im["id"]], images[im["id"]] = split, im
+        for a in captions[split]["annotations"]:
+            by_image[a["image_id"]].append(a)
+    named = [i for s in KARPATHY_SPLITS for i in karpathy[s]]
+    missing = sorted(i for i in named if i not in images or not by_image.get(i))
+    if missing:
+        raise UserError(f"{split_file}: cocoid {missing[0]} is not a captioned image of the COCO 2017 caption "
+                        f"files in {ann_zip} ({len(missing)} of the {len(named)} images it names are not)")
+    keep = {split: select_subset(ids, max_images, seed, split) for split, ids in wanted.items()}
+    with open_zip(src / "train2017.zip") as ztrain, open_zip(src / "val2017.zip") as zval:
+        archives = {"train": ztrain, "val": zval}
+        members = {s: set(archives[s].namelist()) for s in SPLITS}
+        absent = sorted(i for s in SPLITS for i in keep[s]
+                        if image_member(home[i], images[i]["file_name"]) not in members[home[i]])
+        if absent:
+            i = absent[0]
+            raise UserError(f"{src / f'{home[i]}2017.zip'}: missing member "
+                            f"{image_member(home[i], images[i]['file_name'])} (cocoid {i} of {split_file}; "
+                            f"{len(absent)} of its images are not in the archives)")
+        (out / "annotations").mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            subset = {
+                "info": captions[split].get("info", {}),
+                "licenses": captions[split].get("licenses", []),
+                "images": [images[i] for i in keep[split]],
+                "annotations": sorted((a for i in keep[split] for a in by_image[i]),
+                                      key=lambda a: (a["image_id"], a.get("id", 0))),
+            }
+            (out / captions_member(split)).write_text(json.dumps(subset), encoding="utf-8")
+            dst_zip = out / f"{split}2017.zip"
+            with zipfile.ZipFile(dst_zip, "w", allowZip64=True) as zout:
+                for i in tqdm(keep[split], desc=dst_zip.name, mininterval=2.0, leave=False):
+                    name = images[i]["file_name"]
+                    data = _read_image(archives[home[i]], src / f"{home[i]}2017.zip", image_member(home[i], name))
+                    _zip_write(zout, image_member(split, name), data)
+            log.info("coco %s (Karpathy %s): %d images, %d captions", split,
+                     "train + restval" if split == "train" else "test", len(keep[split]), len(subset["annotations"]))
+    log.info("Karpathy's val split (%d images) is not used", len(karpathy["val"]))
+    return {split: len(keep[split]) for split in SPLITS}
+
+
 def build(params, seed: int, out: str | os.PathLike, download_dir: str | os.PathLike | None = None) -> dict[str, int]:
     """Produce the ``data/coco`` folder ``out`` from ``params`` (a ``CocoParams``)."""
     out = Path(out)
@@ -221,11 +357,16 @@ def build(params, seed: int, out: str | os.PathLike, download_dir: str | os.Path
         with tempfile.TemporaryDirectory(prefix=".coco-src.", dir=out.parent) as tmp:
             write_synthetic_source(tmp, params.synthetic_train_images, params.synthetic_val_images, params.image_size, seed)
             return ingest(tmp, out, params.max_images, seed)
+    if params.split == "karpathy":  # read first: a wrong split file is said before a 19 GB download
+        split_file = karpathy_file(params, download_dir)
+        karpathy = read_karpathy(split_file)
     src = source_folder(params, download_dir)
     try:
+        if params.split == "karpathy":
+            return ingest_karpathy(src, out, karpathy, split_file, params.max_images, seed)
         return ingest(src, out, params.max_images, seed, link=not params.local_dir)
     except UserError as e:
-        if params.local_dir:
+        if params.local_dir or not str(e).startswith(str(src)):  # about the user's files, or the split file
             raise
         # Downloaded archives that passed every check they had (none, with coco.verify: false) but do
         # not read: they stay where they are, and each rerun would fail the same way.

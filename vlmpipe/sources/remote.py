@@ -31,6 +31,21 @@ def coco_url(name: str, mirror: str = "") -> str:
     url = COCO_2017[name][0]
     return mirror.rstrip("/") + url.split(COCO_HOST, 1)[1] if mirror else url
 
+
+# Karpathy's split of COCO (train / restval / val / test by cocoid), the one captioning papers report
+# scores on: dataset_coco.json inside caption_datasets.zip (with the Flickr8k and Flickr30k splits),
+# linked from https://cs.stanford.edu/people/karpathy/deepimagesent/. No size or checksum is
+# published for it: ``coco.split_sha256`` pins a copy.
+KARPATHY_SPLITS = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+KARPATHY_FILE = "dataset_coco.json"
+
+
+def karpathy_split(mirror: str = "") -> tuple[str, str]:
+    """The URL of the split file (``mirror``: a URL of caption_datasets.zip or dataset_coco.json) and the
+    name it is downloaded under."""
+    url = mirror or KARPATHY_SPLITS
+    return url, url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or KARPATHY_FILE
+
 # LLaVA-Instruct-150K: the conversations file of the hub dataset, at a revision (branch or commit).
 LLAVA_DATASET, LLAVA_FILE = "liuhaotian/LLaVA-Instruct-150K", "llava_instruct_150k.json"
 
