@@ -16,12 +16,15 @@ CIFAR_OUT, CSV_OUT = "data/cifar", "data/cifar_qa.csv"
 @stage_entry
 def main() -> None:
     with stage("build_cifar_qa_csv", {"cifar": CifarParams, "qa": QaParams}) as s:
-        with atomic_path(CIFAR_OUT) as tmp:
-            cifar.build(s.p.cifar, s.p.seed, tmp)
-        if s.p.qa.csv_path:  # a one-line UserError on the first problem
-            qa.write_user_csv(s.p.qa.csv_path, CSV_OUT, CIFAR_OUT, s.p.qa.split, s.p.qa.heldout_fraction, s.p.seed)
-        else:
-            qa.write_qa_csv(CSV_OUT, CIFAR_OUT, s.p.seed, s.p.qa.questions_per_image)
+        # Both outputs are made in scratch places and move into place together, once everything is
+        # checked: a refused CSV leaves the earlier data/cifar, not new batches beside an old CSV.
+        with atomic_path(CIFAR_OUT) as cifar_tmp, atomic_path(CSV_OUT) as csv_tmp:
+            cifar.build(s.p.cifar, s.p.seed, cifar_tmp)
+            if s.p.qa.csv_path:  # a one-line UserError on the first problem
+                qa.write_user_csv(s.p.qa.csv_path, csv_tmp, cifar_tmp, s.p.qa.split, s.p.qa.heldout_fraction,
+                                  s.p.seed)
+            else:
+                qa.write_qa_csv(csv_tmp, cifar_tmp, s.p.seed, s.p.qa.questions_per_image)
 
 
 if __name__ == "__main__":

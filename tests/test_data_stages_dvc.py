@@ -59,6 +59,11 @@ def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
     assert _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo).returncode == 0
     before = {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
     (repo / "inputs/data/user_qa.csv").write_text(header + good + "x,circle,train,q1?,q2?,q3?,q4?,q5?,a,b,c,d,e\n")
+    # Other CIFAR batches this time: the refusal must leave the earlier ones, not new batches beside the
+    # old CSV.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["cifar"]["synthetic_test_per_class"] += 1  # the train images the CSV names stay as they are
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
