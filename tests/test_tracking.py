@@ -161,19 +161,26 @@ def test_metric_names_carry_the_model_and_the_experiment_opens_on_its_runs(env):
 
 
 def test_git_dirty_ignores_the_files_dvc_writes(env):
-    """DVC rewrites dvc.lock (and .gitignore) between stages, and params.yaml under `dvc exp run -S`: the
-    code is still the commit's. A change to code is dirty."""
+    """DVC rewrites dvc.lock (and .gitignore) between stages, the outputs dvc.yaml declares (those kept in
+    git too) and params.yaml under `dvc exp run -S`: the code is still the commit's. A change to code is
+    dirty."""
     from vlmpipe.ops import tracking
 
     repo = Path.cwd()
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    for name in ("dvc.lock", "params.yaml", "data.dvc", "train.py"):
+    for name in ("dvc.lock", "params.yaml", "data.dvc", "train.py", "reports/x/curve.csv", "reports/m.json"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text("a: 1\n")
     (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts\n")
+    # Outputs kept in git (cache: false): DVC removes them before their stage runs, the stage rewrites them.
+    (repo / "dvc.yaml").write_text("stages:\n  x:\n    cmd: python train.py\n    outs:\n      - reports/x:\n"
+                                   "          cache: false\n    metrics:\n      - reports/m.json:\n"
+                                   "          cache: false\n")
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "files"], cwd=repo, check=True)
-    for name in ("dvc.lock", "params.yaml", "data.dvc"):
+    for name in ("dvc.lock", "params.yaml", "data.dvc", "reports/m.json"):
         (repo / name).write_text("a: 2\n")
+    (repo / "reports/x/curve.csv").unlink()
     (repo / ".gitignore").write_text("/mlflow.db\n/mlartifacts\n/data\n")  # as DVC adds an output
     with tracking.stage_run("train_x") as clean:
         pass

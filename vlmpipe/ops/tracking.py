@@ -8,8 +8,9 @@ Every stage execution is one MLflow run in the ``vlmpipe`` experiment::
         run.log_artifact("reports/siglip/train_curve.csv")
 
 Tags: ``stage``, ``git_commit`` (+ ``git_dirty``: the code differs from that
-commit; ``dvc.lock``, ``.dvc`` files, ``.gitignore`` files and ``params.yaml``
-are left out, DVC writes them between stages and the params are logged) and,
+commit; ``dvc.lock``, ``.dvc`` files, ``.gitignore`` files, ``params.yaml`` and
+the outputs dvc.yaml declares are left out: DVC writes them between stages, and
+the params are logged) and,
 under ``dvc exp run``, ``dvc_experiment`` (the experiment's name) and
 ``dvc_baseline_rev``. DVC exports ``DVC_EXP_NAME``, ``DVC_EXP_BASELINE_REV`` and
 ``DVC_ROOT`` to every stage command it runs for an experiment (workspace,
@@ -242,11 +243,26 @@ def _git_commit() -> str | None:
 _DVC_WRITTEN = re.compile(r"(^|/)(dvc\.lock|params\.yaml|\.gitignore|[^/]*\.dvc)$")
 
 
+def _dvc_outputs() -> list[str]:
+    """The outputs dvc.yaml declares (in the working directory): those kept in git (``cache: false``)
+    change, or are removed, whenever DVC runs their stage."""
+    try:
+        import yaml
+
+        stages = yaml.safe_load(Path("dvc.yaml").read_text()).get("stages", {})
+    except Exception:  # noqa: BLE001 - no dvc.yaml here, or not one to read: no outputs known
+        return []
+    return [(next(iter(o)) if isinstance(o, dict) else str(o)).rstrip("/") for s in stages.values()
+            if isinstance(s, dict) for kind in ("outs", "metrics", "plots") for o in s.get(kind) or []]
+
+
 def _git_dirty() -> bool | None:
     changed = _git("diff", "--name-only", "HEAD")  # tracked files, staged or not
     if changed is None:
         return None
-    return any(not _DVC_WRITTEN.search(p) for p in changed.splitlines() if p)
+    outs = _dvc_outputs()
+    return any(not _DVC_WRITTEN.search(p) and not any(p == o or p.startswith(o + "/") for o in outs)
+               for p in changed.splitlines() if p)
 
 
 def dvc_invocation() -> str | None:
