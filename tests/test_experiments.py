@@ -100,7 +100,7 @@ def test_exp_run_completes_and_mlflow_runs_carry_its_name(experiment, tiny_repo)
                                                                "candidate": str(mine.version)}
         assert aliases == want, (aliases, mine.tags, dag.tags)
     if tiny_repo.full_dag:
-        (phi2,) = [r for r in runs if r.data.tags["stage"] == "train_phi2_qlora"]
+        (phi2,) = [r for r in stage_runs if r.data.tags["stage"] == "train_phi2_qlora"]
         lrs = {k: float(v) for k, v in phi2.data.params.items() if k == "lr" or k.endswith(".lr")}
         assert lrs and all(v == pytest.approx(1e-4) for v in lrs.values()), \
             f"train_phi2_qlora's MLflow params do not show lr=1e-4: {lrs}"
