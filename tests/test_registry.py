@@ -16,11 +16,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import servers
+import untrained
 from vlmpipe.face import api as cli
 from vlmpipe.data import features as embeddings
 from vlmpipe.ops import registry
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = {"siglip": "train_siglip", "captioner": "train_gpt2_captioner", "qa": "train_phi2_qlora",
           "chat": "train_gpt2_chat"}
 DIRS = {"siglip": "siglip", "captioner": "captioner", "qa": "phi2_vlm", "chat": "chat"}
-TEXTS = ["a red circle", "a blue square on a grey background", "what colour is the circle?", "red", "yes"]
+TEXTS = untrained.TEXTS
 
 
 def b64(path: Path) -> str:
@@ -40,42 +40,8 @@ def b64(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """models/{siglip,captioner,chat,phi2_vlm} laid out as the stages write them (the prefix models
-    record their SigLIP as ../siglip), built from config, untrained; and two image files."""
-    from PIL import Image
-
-    from vlmpipe.models import captioner as C
-    from vlmpipe.models import qa_model as Q
-    from vlmpipe.models.chat_model import ChatModel
-    from vlmpipe.models.siglip.model import build_siglip
-    from vlmpipe.qa.params import Phi2Params
-    from vlmpipe.siglip.params import SiglipParams
-    from vlmpipe.core.params import TinyLMParams
-    from vlmpipe.loop import tiny_base
-
-    root = tmp_path_factory.mktemp("registry")
-    models = root / "models"
-    torch.manual_seed(0)
-    build_siglip(SiglipParams(embed_dim=32, text_width=32, text_layers=1, text_vocab_size=512),
-                 TEXTS).eval().save(models / "siglip")
-    encoder = {**embeddings.siglip_identity(models / "siglip"), "path": "../siglip"}
-    tiny = TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0)
-    gpt2 = tiny_base.build("gpt2", tiny, TEXTS * 4, root / "base/gpt2", seed=0, device="cpu")
-    cap = C.build_captioner(gpt2, encoder=encoder, feature_dim=32, regions=5, prefix_tokens=4, freeze_lm=False,
-                            beam_size=2, max_caption_tokens=10, seed=0, source_name="tiny")
-    cap.save(models / "captioner")
-    ChatModel.from_captioner(C.load_captioner(models / "captioner"), max_seq_len=64,
-                             max_new_tokens=6).save(models / "chat")
-    p = Phi2Params(tiny=TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0),
-                   prefix_tokens=2, max_new_tokens=4, max_seq_len=48)
-    phi = tiny_base.build("phi", p.tiny, TEXTS * 4, root / "base/phi", seed=0, device="cpu")
-    Q.build_qa_model(p, phi, "cpu", encoder=encoder, feature_dim=32, regions=1).eval().save(models / "phi2_vlm")
-    rng = np.random.default_rng(0)
-    images = []
-    for i in range(2):
-        images.append(root / f"image{i}.png")
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images[-1])
-    return root, images
+    """models/{siglip,captioner,chat,phi2_vlm} laid out as the stages write them, untrained; two images."""
+    return untrained.build(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="module")
