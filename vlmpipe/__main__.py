@@ -4,6 +4,8 @@
     python -m vlmpipe ask IMAGE "question" [--history "q1" "a1" ...] [--model models/phi2_vlm]
     python -m vlmpipe chat IMAGE [--message "..." ...] [--model chat|qa|DIR]
     python -m vlmpipe serve [--port 7860] [--host 127.0.0.1]
+    python -m vlmpipe predict --model DIR INPUT [--output OUT.jsonl] [--question "..."] [--batch-size N]
+    python -m vlmpipe export MODEL_DIR OUT
 
 All are deterministic (greedy or beam search, no sampling).
 """
@@ -40,6 +42,25 @@ def _parser() -> argparse.ArgumentParser:
                     help="chat (models/chat), qa (the Phi-2 QA model, models/phi2_vlm) or a model folder "
                          "(default: %(default)s)")
 
+    pr = sub.add_parser("predict", help="caption, or answer questions about, a folder, CSV or JSON Lines file of "
+                                        "images in batches (JSON Lines out)")
+    pr.add_argument("input", help="a folder of images, a CSV (an image or image_path column, optionally question) "
+                                  "or a JSON Lines file of {\"image\": ..., \"question\" or \"messages\": ...}; "
+                                  "image paths are relative to the file's folder")
+    pr.add_argument("--model", required=True, metavar="DIR", help="a captioner, QA or chat model folder (or an export)")
+    pr.add_argument("--output", "-o", default=None, metavar="OUT.jsonl",
+                    help="write the records here, whole or not at all (default: stdout)")
+    pr.add_argument("--question", default=None, help="the question for rows that have none (a folder's images)")
+    pr.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+
+    ex = sub.add_parser("export", help="a trained model as one self-contained folder (the QA model's LoRA merged "
+                                       "into its dequantised base) with a model card")
+    ex.add_argument("model_dir", metavar="MODEL_DIR", help="a captioner, QA or chat model folder, e.g. models/phi2_vlm")
+    ex.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
+    ex.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where the QA model is merged: fp32 on a CPU, bf16 on CUDA (default: %(default)s)")
+
     sv = sub.add_parser("serve", help="a local web demo: caption an image, ask about it, chat (Ctrl-C stops it)")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default: %(default)s, this machine only)")
@@ -61,6 +82,15 @@ def _run(argv: list[str]) -> None:
     if args.command == "caption":
         for path, text in zip(args.images, cli.caption_files(args.model, args.images, beam_size=args.beam_size)):
             sys.stdout.write(f"{path}\t{one_line_error(text)}\n")
+    elif args.command == "predict":
+        from vlmpipe.face import predict
+
+        predict.run(args.model, args.input, args.output, device=args.device, batch_size=args.batch_size,
+                    question=args.question)
+    elif args.command == "export":
+        from vlmpipe.face.export import export
+
+        export(args.model_dir, args.out, device=args.device)
     elif args.command == "serve":
         from vlmpipe.face.serve import serve
 
