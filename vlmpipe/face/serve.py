@@ -1,39 +1,57 @@
-"""``python -m vlmpipe serve``: a local web demo over the trained models.
+"""``python -m vlmpipe serve``: a local web demo over the trained models, and an OpenAI-compatible API.
 
 One page (``vlmpipe/face/demo.html``): drop or upload an image, or pick a held-out one, read the
 captioner's caption (beam search, the trained default), then ask the QA model or talk with the
-chat model about it, turn after turn, with the image beside the dialogue.
+chat model about it, turn after turn, with the image beside the dialogue. The same dialogue models
+answer ``POST /v1/chat/completions`` in OpenAI's format, so the ``openai`` client (or anything that
+speaks to it) can talk to them: one image per conversation, sent inline as a data URI.
 
 Starlette + uvicorn, not Gradio: current Gradio releases cap Pillow below the version the rest of
 the pipeline pins, and both servers are already in MLflow's dependency tree.
 
 Models and their image encoders load once, at start. An image is decoded and featurised once per
 encoder when it arrives; later turns reuse those features (a small LRU of recent images, keyed by
-the hash of the image bytes). The history of a conversation lives in the page and is sent with
-each message, so the server holds no per-user state beyond that cache. Model calls are serialised
-by one lock: on a CPU two at once only slow each other down.
+the hash of the pixels). The history of a conversation lives in the client and is sent with each
+message, so the server holds no per-user state beyond that cache. Model calls are serialised by one
+lock: on a CPU two at once only slow each other down.
 
-A bad upload (empty, not an image, truncated, too many pixels, too many bytes) is answered with a
-one-line message the page shows; the server keeps serving.
+It stays up under hostile requests: every request body is read as a stream and refused (413, one
+line, connection closed) as soon as it passes its route's limit, whatever Content-Length says; the
+bodies held at once share one budget (503 beyond it) and must arrive within ``BODY_SECONDS``;
+JSON nested too deeply, malformed or of the wrong shape is a 400 line; a history is bounded in turns
+and characters. No reply carries a traceback, a server path or an object's repr: a bug answers
+"internal error (request <id>)", and the log holds the traceback under that id.
 
 HTTP API (JSON unless said otherwise):
 
     GET  /                      the page
+    GET  /health                {"status": "ok", "models": [...], "captioner": bool} (200 once loaded)
     GET  /api/info              the loaded models and the held-out example ids
     GET  /api/example/{id}.png  a held-out image
     POST /api/image             body: the image file's bytes  -> {image, caption, width, height, seconds}
     POST /api/example/{id}      the same for a held-out image (+ its reference captions)
     POST /api/reply             {image, model: "chat"|"qa", message, history: [[q, a], ...]} -> {reply, seconds}
+    GET  /v1/models             the dialogue models, in OpenAI's list shape
+    POST /v1/chat/completions   OpenAI's chat completions, streamed or not (docs/demo.md)
+
+``/api/*`` errors are ``{"error": "one line"}``; ``/v1/*`` errors are OpenAI's
+``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
 import hashlib
 import io
 import ipaddress
+import json
 import logging
+import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +72,53 @@ MAX_PIXELS = 40_000_000
 CACHE_IMAGES = 32
 N_EXAMPLES = 12
 MAX_MESSAGE_CHARS = 2000
+# The earlier turns sent with a message. A model reads only the last few hundred tokens of them
+# (older turns are dropped), but every character is tokenized first, under the model lock: 100,000
+# characters take about 0.05 s on a 2-core CPU; 8 MB took seconds and stalled every other user.
+MAX_HISTORY_TURNS = 50
+MAX_HISTORY_CHARS = 100_000
+MAX_JSON_BYTES = 2**20            # a request body without an image (/api/reply, /api/example)
+# /v1/chat/completions carries its image inline in base64 (4 characters per 3 bytes) beside the messages.
+MAX_DATA_URI_CHARS = (MAX_UPLOAD_BYTES + 2) // 3 * 4 + 256
+MAX_CHAT_BYTES = MAX_DATA_URI_CHARS + MAX_JSON_BYTES
+# All request bodies held at once: a few full-size uploads; beyond it a request is told to retry.
+MAX_BODIES_BYTES = 96 * 2**20
+BODY_SECONDS = 120                # a body must arrive within this (a slow drip holds its share)
+# Images decoded at once: a small PNG can decode to 40 megapixels (120 MB), so the count is bounded too.
+DECODING = 2
 DIALOGUE_MODELS = ("chat", "qa")
 
 
-def decode_image(data: bytes):
+def decode_image(data: bytes, name: str = "the upload"):
     """An RGB PIL image from an upload's bytes, within the demo's limits, or a one-line ``UserError``."""
-    return decode_image_bytes(data, "the upload", MAX_UPLOAD_BYTES, MAX_PIXELS)
+    return decode_image_bytes(data, name, MAX_UPLOAD_BYTES, MAX_PIXELS)
+
+
+def check_turn(message: str, history: list[tuple[str, str]]) -> None:
+    """A message and its history within the demo's bounds, or a one-line ``UserError``."""
+    if not message.strip():
+        raise UserError("message: empty (ask something about the image)")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise UserError(f"message: {len(message)} characters; keep it under {MAX_MESSAGE_CHARS}")
+    if len(history) > MAX_HISTORY_TURNS:
+        raise UserError(f"history: {len(history)} earlier turns; the demo takes up to {MAX_HISTORY_TURNS} "
+                        "(the models read only the last few; send fewer or start over)")
+    chars = sum(len(q) + len(a) for q, a in history)
+    if chars > MAX_HISTORY_CHARS:
+        raise UserError(f"history: {chars} characters; the demo takes up to {MAX_HISTORY_CHARS} "
+                        "(the models read only the last few turns; send fewer or start over)")
+
+
+def prompt_ids(model, message: str, history: list[tuple[str, str]]) -> list[int]:
+    """The prompt ``model.answer`` builds for ``message`` after ``history`` (the same template and
+    token limit), for the OpenAI route, which needs the token counts and its own reply budget."""
+    from vlmpipe.models.chat_model import CHAT, ChatModel
+    from vlmpipe.models.qa_model import QA
+
+    if isinstance(model, ChatModel):
+        return CHAT.encode_prompt(model.tokenizer, message, history,
+                                  max(model.window - int(model.config.max_new_tokens), 8))
+    return QA.encode_prompt(model.tokenizer, message, history, model.config.max_prompt_tokens)
 
 
 @dataclass
@@ -70,9 +129,11 @@ class Demo:
     dialogue: dict[str, object]                     # "chat" / "qa" -> a model with .answer()
     examples: object | None = None                  # CocoCaptions of the held-out split
     example_ids: list[int] = field(default_factory=list)
+    loaded_at: int = field(default_factory=lambda: int(time.time()))
     _encoders: dict[str, Callable] = field(default_factory=dict)
     _cache: OrderedDict = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _decoding: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(DECODING))
 
     def __post_init__(self) -> None:
         from vlmpipe.face.api import featurizer
@@ -97,37 +158,47 @@ class Demo:
                 "dialogue": {k: m.TITLE for k, m in self.dialogue.items()},
                 "examples": self.example_ids}
 
-    def add_image(self, image) -> dict:
-        """Featurise ``image`` for every encoder, caption it; returns the page's view of it."""
+    def _features(self, image) -> tuple[str, dict]:
+        """(token, cache entry) of ``image``, featurised now unless cached. The caller holds the lock."""
         # The pixels (and their shape), not the file: the same picture re-uploaded or picked again
         # hits the cache, with no re-encoding on the way to the model.
         digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
         digest.update(image.tobytes())
         token = digest.hexdigest()[:20]
+        entry = self._cache.get(token)
+        if entry is None:
+            feats = {k: fn([image]).float().cpu() for k, fn in self._encoders.items()}
+            entry = {"feats": feats, "caption": None}
+            self._cache[token] = entry
+            while len(self._cache) > CACHE_IMAGES:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(token)
+        return token, entry
+
+    def add_image(self, image) -> dict:
+        """Featurise ``image`` for every encoder, caption it; returns the page's view of it."""
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
-            entry = self._cache.get(token)
-            if entry is None:
-                feats = {k: fn([image]).float().cpu() for k, fn in self._encoders.items()}
-                entry = {"feats": feats, "caption": None}
-                self._cache[token] = entry
-                while len(self._cache) > CACHE_IMAGES:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(token)
+            token, entry = self._features(image)
             if self.captioner is not None and entry["caption"] is None:
                 entry["caption"] = self.captioner.caption(entry["feats"][self._encoder_key(self.captioner)])[0]
         return {"image": token, "caption": entry["caption"], "width": image.width, "height": image.height,
                 "seconds": round(time.perf_counter() - t0, 3)}
 
-    def reply(self, token: str, model: str, message: str, history: list[tuple[str, str]]) -> dict:
+    def add_upload(self, data: bytes) -> dict:
+        """``add_image`` of an upload's bytes; the decoded image counts among the ``DECODING`` held at once."""
+        with self._decoding:
+            return self.add_image(decode_image(data))
+
+    def dialogue_model(self, model: str):
         if model not in self.dialogue:
             loaded = ", ".join(self.dialogue) or "none"
             raise UserError(f"model: {model!r} is not loaded in this demo (loaded: {loaded})")
-        if not message.strip():
-            raise UserError("message: empty (ask something about the image)")
-        if len(message) > MAX_MESSAGE_CHARS:
-            raise UserError(f"message: {len(message)} characters; keep it under {MAX_MESSAGE_CHARS}")
-        m = self.dialogue[model]
+        return self.dialogue[model]
+
+    def reply(self, token: str, model: str, message: str, history: list[tuple[str, str]]) -> dict:
+        m = self.dialogue_model(model)
+        check_turn(message, history)
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
             entry = self._cache.get(token)
@@ -136,6 +207,26 @@ class Demo:
             self._cache.move_to_end(token)
             text = m.answer(entry["feats"][self._encoder_key(m)], [message], [history])[0]
         return {"reply": text, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def complete(self, load_image: Callable, model: str, message: str, history: list[tuple[str, str]],
+                 max_tokens: int | None = None) -> dict:
+        """One reply for the OpenAI route about the image ``load_image()`` returns: the prompt ``answer``
+        builds, greedy, within ``max_tokens`` new tokens (the end-of-reply token counted, as the model's
+        own budget counts it; at most the model's budget, which its prompt limit leaves room for)
+        -> text, token counts, finish reason."""
+        m = self.dialogue_model(model)
+        check_turn(message, history)
+        budget = int(m.config.max_new_tokens)
+        budget = min(max_tokens, budget) if max_tokens else budget
+        with self._decoding:
+            image = load_image()
+            with self._lock, torch.no_grad():  # one lock span: the features cannot be evicted meanwhile
+                _, entry = self._features(image)
+                prompt = prompt_ids(m, message, history)
+                ids = m.generate(entry["feats"][self._encoder_key(m)], [prompt], max_new_tokens=budget)[0]
+        stopped = len(ids) < budget  # generate cuts at the end-of-reply token, which it does not return
+        return {"text": m.decode(ids), "prompt_tokens": m.config.prefix_tokens + len(prompt),
+                "completion_tokens": len(ids) + int(stopped), "finish_reason": "stop" if stopped else "length"}
 
     def example_image(self, image_id: int):
         if self.examples is None or image_id not in self.example_ids:
@@ -177,53 +268,288 @@ def load_demo(captioner: str | None, qa: str | None, chat: str | None, coco: str
     return Demo(cap, dialogue, examples, ids)
 
 
-def build_app(demo: Demo):
+# ------------------------------------------------------------------ bounded requests
+
+
+class Refused(Exception):
+    """A request answered with ``status`` and one line, before or instead of a model call."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class Bodies:
+    """Request bodies read as bounded streams, all of them together within one byte budget."""
+
+    def __init__(self, budget: int = MAX_BODIES_BYTES) -> None:
+        self.budget, self.held = budget, 0  # touched on the event loop only: no lock needed
+
+    @contextlib.asynccontextmanager
+    async def read(self, request, limit: int, what: str, noun: str = "requests"):
+        """The body (bytes) while the block runs, counted in the budget until it ends;
+        ``Refused`` (413) past ``limit`` bytes: reading stops at the first chunk over it."""
+        from starlette.requests import ClientDisconnect
+
+        size = f"{limit / 2**20:.1f}".rstrip("0").rstrip(".") + " MiB"
+        too_big = f"{what} is over {size}; the demo takes {noun} up to {size}"
+        claimed = request.headers.get("content-length", "")
+        if claimed.isdigit() and int(claimed) > limit:  # refused before a byte is read
+            raise Refused(413, too_big)
+        # Chunks joined once at the end: a growing buffer would copy itself as it grows.
+        chunks, held = [], 0
+        try:
+            try:
+                async with asyncio.timeout(BODY_SECONDS):
+                    async for chunk in request.stream():  # Content-Length may lie, or be absent (chunked)
+                        if held + len(chunk) > limit:
+                            raise Refused(413, too_big)
+                        if self.held + len(chunk) > self.budget:
+                            raise Refused(503, "the server is busy receiving other requests; try again in a moment")
+                        chunks.append(chunk)
+                        self.held += len(chunk)
+                        held += len(chunk)
+            except TimeoutError:
+                raise Refused(408, f"{what} did not arrive within {BODY_SECONDS} s") from None
+            except ClientDisconnect:
+                raise Refused(400, "the client went away before sending the whole request") from None
+            body = b"".join(chunks)
+            chunks.clear()
+            yield body
+        finally:
+            self.held -= held
+
+
+def parse_json(data: bytes | bytearray, expected: str):
+    """``json.loads`` that answers a bad body with one line: malformed, not UTF-8, or nested so deep
+    that the parser recurses out of stack (100,000 ``[`` raise RecursionError, not ValueError)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise Refused(400, f"expected JSON {expected}: nested too deeply") from None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both
+        raise Refused(400, f"expected JSON {expected}") from None
+
+
+# ------------------------------------------------------------------ the OpenAI route
+
+OPENAI_ROLES = ("system", "developer", "user", "assistant")
+_WORDS = re.compile(r"\S+\s*|\s+")  # a reply in pieces whose concatenation is the reply
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    image_url: str
+    image_at: str          # where in the request the image is: messages[i].content[j].image_url
+    message: str
+    history: list[tuple[str, str]]
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+
+
+def _text_of(content, at: str, role: str, images: list) -> str:
+    """A message's text; its image parts appended to ``images`` as (url, where)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise Refused(400, f"{at}.content: expected a string or a list of content parts", at + ".content")
+    texts = []
+    for j, part in enumerate(content):
+        where = f"{at}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url" and role == "user":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise Refused(400, f"{where}.image_url.url: expected a data URI string", where)
+            images.append((url, f"{where}.image_url"))
+        else:
+            what = repr(kind)[:40] if isinstance(kind, str) else "a part without a type"
+            allowed = "text and image_url" if role == "user" else "text"
+            raise Refused(400, f"{where}: {what} is not taken in a {role} message ({allowed} parts are)", where)
+    return " ".join(texts)
+
+
+def parse_chat_request(body, loaded: dict) -> ChatRequest:
+    """The OpenAI request ``body`` mapped to one image, a history and a question, or ``Refused``."""
+    if not isinstance(body, dict):
+        raise Refused(400, 'expected a JSON object {"model", "messages", ...}')
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise Refused(400, f"model: expected one of {', '.join(loaded) or 'none'}", "model")
+    if model not in loaded:
+        raise Refused(404, f"model: {model[:100]!r} is not loaded here (loaded: {', '.join(loaded) or 'none'})",
+                      "model", "model_not_found")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise Refused(400, "messages: expected a non-empty list of {role, content}", "messages")
+    if len(messages) > 2 * MAX_HISTORY_TURNS + 10:  # the turn bound below, with room for system messages
+        raise Refused(400, f"messages: {len(messages)}; the demo takes up to {MAX_HISTORY_TURNS} earlier turns",
+                      "messages")
+    turns, images = [], []
+    for i, msg in enumerate(messages):
+        at = f"messages[{i}]"
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in OPENAI_ROLES:
+            what = repr(role)[:40] if isinstance(role, str) else "no role"
+            raise Refused(400, f"{at}.role: {what} is not taken (system, user, assistant)", at + ".role")
+        text = _text_of(msg.get("content"), at, role, images)
+        if role in ("user", "assistant"):  # system prompts are ignored: the models were trained without one
+            turns.append((role, text))
+    roles = [r for r, _ in turns]
+    if roles != [("user", "assistant")[k % 2] for k in range(len(roles))] or roles[-1:] != ["user"]:
+        raise Refused(400, "messages: expected user and assistant messages taking turns, ending with a user "
+                           "message", "messages")
+    if len(images) != 1:
+        raise Refused(400, "messages: no image; put one image_url part (a data:image/...;base64 URI) in a user "
+                           "message" if not images else
+                      f"messages: {len(images)} images; a conversation here is about exactly one image", "messages")
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise Refused(400, "max_tokens: expected a whole number >= 1", "max_tokens")
+    temperature = body.get("temperature")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                                    or not 0 <= temperature <= 2):
+        raise Refused(400, "temperature: expected a number from 0 to 2 (the models decode greedily whatever it is)",
+                      "temperature")
+    if body.get("n") not in (None, 1):
+        raise Refused(400, "n: only one choice per request (decoding is greedy: more would be copies)", "n")
+    stream = body.get("stream") or False
+    options = body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise Refused(400, "stream: expected true or false (stream_options: an object)", "stream")
+    texts = [t for _, t in turns]
+    return ChatRequest(model, images[0][0], images[0][1], texts[-1], list(zip(texts[0:-1:2], texts[1:-1:2])),
+                       max_tokens, stream, bool(options.get("include_usage")))
+
+
+def image_from_url(url: str, at: str):
+    """The image of a data URI, through the uploads' decoder and limits. Remote URLs are not fetched:
+    the server would reach out wherever a client points it, and wait on it."""
+    if re.match(r"https?://", url, re.IGNORECASE):
+        raise Refused(400, f"{at}: remote image URLs are not fetched by this server; send the image inline as "
+                           "a data URI (data:image/png;base64,...)", at, "remote_image_refused")
+    head, comma, payload = url.partition(",")
+    if not head.lower().startswith("data:") or not comma:
+        raise Refused(400, f"{at}: expected a data URI (data:image/png;base64,...)", at)
+    if not head.lower().endswith(";base64"):
+        raise Refused(400, f"{at}: only base64 data URIs are read (data:image/png;base64,...)", at)
+    if len(payload) > MAX_DATA_URI_CHARS:
+        raise Refused(413, f"{at}: the image is over {MAX_UPLOAD_BYTES // 2**20} MiB; the demo takes images up to "
+                           f"{MAX_UPLOAD_BYTES // 2**20} MiB", at)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused(400, f"{at}: not valid base64", at) from None
+    return decode_image(data, at)
+
+
+def _openai_body(reply: dict, req: ChatRequest, cid: str, created: int) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply["text"]},
+                         "finish_reason": reply["finish_reason"], "logprobs": None}],
+            "usage": _usage(reply)}
+
+
+def _usage(reply: dict) -> dict:
+    return {"prompt_tokens": reply["prompt_tokens"], "completion_tokens": reply["completion_tokens"],
+            "total_tokens": reply["prompt_tokens"] + reply["completion_tokens"]}
+
+
+def _openai_events(reply: dict, req: ChatRequest, cid: str, created: int):
+    """The reply as OpenAI's server-sent events: a role chunk, a chunk per word, the finish reason,
+    the usage if asked for, ``[DONE]``. The reply is generated whole first (the models' ``generate``
+    takes no streamer), so streaming changes the format, not when the first word comes."""
+    def event(choices: list, **extra) -> bytes:
+        return b"data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                       "model": req.model, "choices": choices, **extra}).encode() + b"\n\n"
+
+    def choice(delta: dict, finish: str | None = None) -> list:
+        return [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+
+    yield event(choice({"role": "assistant", "content": ""}))
+    for piece in _WORDS.findall(reply["text"]):
+        yield event(choice({"content": piece}))
+    yield event(choice({}, reply["finish_reason"]))
+    if req.include_usage:
+        yield event([], usage=_usage(reply))
+    yield b"data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------------ the app
+
+
+def build_app(demo: Demo, bodies: Bodies | None = None):
     """The Starlette app over ``demo``."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    def error(msg: str, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": msg}, status_code=status)
+    bodies = bodies or Bodies()
 
-    async def guarded(fn, *args):
-        """Run a model call off the event loop; a user mistake is a 400 with its one line, a bug a
-        500 with its one line (logged with its traceback). Either way the server keeps serving."""
-        try:
-            return JSONResponse(await run_in_threadpool(fn, *args))
-        except UserError as e:
-            return error(str(e))
-        except Exception as e:  # noqa: BLE001 - one failed request must not take the demo down
-            log.exception("request failed")
-            return error(f"internal error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", 500)
+    def close_if_unread(status: int) -> dict:
+        # Refused before the body was read whole: close the connection rather than read the rest.
+        return {"Connection": "close"} if status in (408, 413, 503) else {}
+
+    def api_error(msg: str, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=status, headers=close_if_unread(status))
+
+    def openai_error(msg: str, status: int = 400, param: str | None = None, code: str | None = None) -> JSONResponse:
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return JSONResponse({"error": {"message": msg, "type": kind, "param": param, "code": code}},
+                            status_code=status, headers=close_if_unread(status))
+
+    def handler(fn, shape: str = "api"):
+        """``fn(request)`` with its errors answered in one line in the route's error shape: a refusal
+        or a user mistake with its own line, a bug with "internal error" and a request id only (the
+        traceback goes to the log under that id). Either way the server keeps serving."""
+        async def run(request: Request):
+            try:
+                return await fn(request)
+            except Refused as e:
+                if shape == "openai":
+                    return openai_error(e.message, e.status, e.param, e.code)
+                return api_error(e.message, e.status)
+            except UserError as e:
+                return openai_error(str(e)) if shape == "openai" else api_error(str(e))
+            except Exception:  # noqa: BLE001 - one failed request must not take the demo down
+                rid = uuid.uuid4().hex[:8]
+                log.exception("request %s (%s %s) failed", rid, request.method, request.url.path)
+                msg = f"internal error (request {rid}; the server's log has the details)"
+                return openai_error(msg, 500) if shape == "openai" else api_error(msg, 500)
+        return run
 
     async def page(request: Request):
         return FileResponse(PAGE, media_type="text/html")
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "models": list(demo.dialogue), "captioner": demo.captioner is not None})
 
     async def info(request: Request):
         return JSONResponse(demo.info())
 
     async def upload(request: Request):
-        n = int(request.headers.get("content-length") or 0)
-        if n > MAX_UPLOAD_BYTES:  # refuse before reading the body
-            return error(f"the upload is {n / 2**20:.1f} MiB; the demo takes images up to "
-                         f"{MAX_UPLOAD_BYTES // 2**20} MiB", 413)
-        data = await request.body()
-        return await guarded(lambda: demo.add_image(decode_image(data)))
+        async with bodies.read(request, MAX_UPLOAD_BYTES, "the upload", "images") as data:
+            return JSONResponse(await run_in_threadpool(demo.add_upload, data))
 
     def _example_id(request: Request) -> int:
         try:
             return int(request.path_params["image_id"])
         except ValueError:
-            raise UserError(f"example {request.path_params['image_id']!r}: not an image id") from None
+            raise UserError(f"example {request.path_params['image_id'][:40]!r}: not an image id") from None
 
     async def example_png(request: Request):
         try:
             im = await run_in_threadpool(demo.example_image, _example_id(request))
         except UserError as e:
-            return error(str(e), 404)
+            return api_error(str(e), 404)
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
@@ -233,25 +559,59 @@ def build_app(demo: Demo):
             image_id = _example_id(request)
             out = demo.add_image(demo.example_image(image_id))
             return {**out, "references": demo.examples.captions(image_id)}
-        return await guarded(pick)
+        async with bodies.read(request, MAX_JSON_BYTES, "the request body"):  # none expected: bounded anyway
+            return JSONResponse(await run_in_threadpool(pick))
 
     async def reply(request: Request):
+        expected = '{"image", "model", "message", "history": [[question, answer], ...]}'
+        async with bodies.read(request, MAX_JSON_BYTES, "the request body") as data:
+            body = parse_json(data, expected)
         try:
-            body = await request.json()
-            token, model = str(body["image"]), str(body.get("model", "chat"))
-            message, history = str(body["message"]), [(str(q), str(a)) for q, a in body.get("history", [])]
-        except (ValueError, KeyError, TypeError):
-            return error('expected JSON {"image", "model", "message", "history": [[question, answer], ...]}')
-        return await guarded(demo.reply, token, model, message, history)
+            token, model, message = body["image"], body.get("model", "chat"), body["message"]
+            history = body.get("history", [])
+            if not all(isinstance(v, str) for v in (token, model, message)) or not isinstance(history, list):
+                raise TypeError
+            if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+                raise TypeError
+            history = [(q, a) for q, a in history]
+        except (KeyError, TypeError):
+            raise Refused(400, f"expected JSON {expected}") from None
+        return JSONResponse(await run_in_threadpool(demo.reply, token, model, message, history))
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": demo.loaded_at, "owned_by": "vlmpipe"}
+            for name in demo.dialogue]})
+
+    async def chat_completions(request: Request):
+        # The body stays counted in the budget until the reply: the parsed request holds as much.
+        async with bodies.read(request, MAX_CHAT_BYTES, "the request body") as data:
+            # Off the event loop: a body of tens of MB takes a moment to parse, and the image to decode.
+            req = parse_chat_request(await run_in_threadpool(parse_json, data, '{"model", "messages", ...}'),
+                                     demo.dialogue)
+            out = await run_in_threadpool(demo.complete, lambda: image_from_url(req.image_url, req.image_at),
+                                          req.model, req.message, req.history, req.max_tokens)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:  # errors are answered above, before the stream starts, as plain OpenAI errors
+            return StreamingResponse(_openai_events(out, req, cid, created), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(_openai_body(out, req, cid, created))
+
+    async def unexpected(request: Request, exc: Exception):
+        # The last resort, for an error outside every handler: still no traceback to the client.
+        return JSONResponse({"error": "internal error"}, status_code=500)
 
     return Starlette(routes=[
         Route("/", page),
+        Route("/health", health),
         Route("/api/info", info),
-        Route("/api/image", upload, methods=["POST"]),
+        Route("/api/image", handler(upload), methods=["POST"]),
         Route("/api/example/{image_id}.png", example_png),
-        Route("/api/example/{image_id}", example_pick, methods=["POST"]),
-        Route("/api/reply", reply, methods=["POST"]),
-    ])
+        Route("/api/example/{image_id}", handler(example_pick), methods=["POST"]),
+        Route("/api/reply", handler(reply), methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", handler(chat_completions, "openai"), methods=["POST"]),
+    ], exception_handlers={Exception: unexpected})
 
 
 def _check_port_free(host: str, port: int) -> None:
