@@ -41,6 +41,12 @@ def batch(model, image, question: str) -> dict:
             "feats": api.featurize(model, [api.read_image(image)])}
 
 
+def ask_all(model, images) -> list[str]:
+    """Every question about every image, in one batch."""
+    feats = api.featurize(model, [api.read_image(im) for im in images]).repeat_interleave(len(QUESTIONS), 0)
+    return model.answer(feats, QUESTIONS * len(images), [[]] * len(feats))
+
+
 def test_qa_export_is_the_adapter_model_merged_and_self_contained(built, tmp_path):
     root, images = built
     src = tmp_path / "src"
@@ -51,8 +57,7 @@ def test_qa_export_is_the_adapter_model_merged_and_self_contained(built, tmp_pat
         want = [adapter.text_logits(batch(adapter, images[0], q))[0] for q in QUESTIONS]
         with adapter.lm.disable_adapter():
             bare = adapter.text_logits(batch(adapter, images[0], QUESTIONS[0]))[0]
-    answers = [adapter.answer(api.featurize(adapter, [api.read_image(im)]), [q], [[]])[0]
-               for im in images for q in QUESTIONS]
+    answers = ask_all(adapter, images)
     assert main(["export", str(src / "models/phi2_lora"), str(out), "--device", "cpu"]) == 0
     shutil.rmtree(src)
 
@@ -68,8 +73,7 @@ def test_qa_export_is_the_adapter_model_merged_and_self_contained(built, tmp_pat
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     assert (got[0] - bare).abs().max() > 1e-2  # the LoRA delta is in the merged weights
-    assert [merged.answer(api.featurize(merged, [api.read_image(im)]), [q], [[]])[0]
-            for im in images for q in QUESTIONS] == answers
+    assert ask_all(merged, images) == answers
 
     card = (out / "README.md").read_text()
     for f in ("lm/model.safetensors", "projector.safetensors", "siglip/model.safetensors"):
@@ -123,3 +127,31 @@ def test_a_failed_export_leaves_nothing(built, tmp_path, monkeypatch):
     with pytest.raises(UserError):
         export.export(root / "models/phi2_lora", tmp_path / "a" / "b" / "qa", "cpu")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_card_reads_the_repository_the_model_came_from(built, tmp_path, monkeypatch):
+    root, _ = built
+    repo = tmp_path / "repo"
+    for name in ("captioner", "siglip"):
+        shutil.copytree(root / "models" / name, repo / "models" / name)
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    lock = {"schema": "2.0", "stages": {
+        "download_coco": {"cmd": "x", "params": {"params.yaml": {"coco": {"source": "synthetic"}}},
+                          "outs": [{"path": "data/coco", "md5": "abc.dir", "size": 12}]},
+        "train_gpt2_captioner": {"cmd": "x", "params": {"params.yaml": {"captioner": {"beam_size": 3}}},
+                                 "deps": [{"path": "data/coco", "md5": "abc.dir", "size": 12}],
+                                 "outs": [{"path": "models/captioner", "md5": "def.dir"}]},
+        "evaluate_captioner": {"cmd": "x", "deps": [{"path": "models/captioner", "md5": "def.dir"}],
+                               "outs": [{"path": "reports/eval/captioner.json", "md5": "0"}]}}}
+    (repo / "dvc.lock").write_text(json.dumps(lock))
+    (repo / "reports/eval").mkdir(parents=True)
+    (repo / "reports/eval/captioner.json").write_text(json.dumps({"metrics": {"cider": 1.25, "baseline_cider": 0.5,
+                                                                               "by_type": {"a": 1}}}))
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-card")
+    export.export(repo / "models/captioner", tmp_path / "out", "cpu")
+    card = (tmp_path / "out/README.md").read_text()
+    assert "- `data/coco`: md5 `abc.dir`, 12 bytes, written by `download_coco`" in card
+    assert "- `download_coco`: coco.source=synthetic" in card
+    assert "Stage `train_gpt2_captioner`" in card and "beam_size: 3" in card
+    assert "| cider | 1.25 | 0.5 |" in card and "by_type" not in card
+    assert "DVC experiment: `exp-card`" in card

@@ -301,15 +301,17 @@ def _provenance(root: Path, rel: str, kind: str, yaml) -> list[str]:
         lines += [f"`{rel}` is no output dvc.lock records: data and params unknown.", ""]
     else:
         name, s = train
+        makers: dict[str, dict] = {}  # the data stages, each with its params, said once
         for d in s.get("deps") or []:
             if not d["path"].startswith("data/"):
                 continue
             maker = next(((n, t) for n, t in stages.items() if d["path"].rstrip("/") in outs(t)), None)
-            made = ""
             if maker:
-                p = (maker[1].get("params") or {}).get("params.yaml") or {}
-                made = f", written by `{maker[0]}`" + (f" ({_flat(p)})" if p else "")
-            lines.append(f"- `{d['path']}`: md5 `{d.get('md5')}`, {d.get('size', '?')} bytes{made}")
+                makers[maker[0]] = (maker[1].get("params") or {}).get("params.yaml") or {}
+            lines.append(f"- `{d['path']}`: md5 `{d.get('md5')}`, {d.get('size', '?')} bytes"
+                         + (f", written by `{maker[0]}`" if maker else ""))
+        if makers:
+            lines += ["", "The data stages' params:", ""] + [f"- `{n}`: {_flat(p) or 'none'}" for n, p in makers.items()]
         params = (s.get("params") or {}).get("params.yaml") or {}
         lines += ["", "## Training params", "", f"Stage `{name}`, as dvc.lock records them:", "", "```yaml",
                   yaml.safe_dump(params, sort_keys=False).rstrip(), "```"]
