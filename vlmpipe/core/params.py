@@ -167,7 +167,7 @@ class LaunchParams:
 # left unread here, so editing one wing's params class touches no other stage. The preflight loads
 # them all (``vlmpipe.ops.preflight.ALL_SECTIONS``), so a mistake anywhere stops the first stage.
 SECTIONS = ("coco", "cifar", "qa", "siglip", "embeddings", "phi2", "captioner", "conversations", "chat", "evaluate",
-            "launch")
+            "launch", "checkpoints")  # checkpoints: where checkpoints are also kept (vlmpipe/ops; no stage reads it)
 
 
 def params_class(sections: Mapping[str, type]) -> type:

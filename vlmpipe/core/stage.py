@@ -9,12 +9,14 @@
 In order, once per stage: load and check the params sections the stage reads (``seed``, ``lr`` and
 ``launch`` always); run the preflight (everything this and the later stages must fetch, checked in
 seconds, one line for what cannot be had); join the process group when ``device`` is given (under
-torchrun: the rank's GPU); seed every RNG; open the stage's MLflow run on rank 0. On the way out:
-log the stage's time, end the run, leave the process group.
+torchrun: the rank's GPU); with ``checkpoints.remote`` set, start keeping the stage's checkpoints on
+S3 (its newest one fetched where there is none here); seed every RNG; open the stage's MLflow run on
+rank 0. On the way out: end the run, wait for the last checkpoint upload, log the stage's time, leave
+the process group.
 
-Tracking, registration and the preflight (``vlmpipe/ops``) write no DVC output: they are imported
-here but are no stage's DVC dependency, and a test runs the tiny DAG with tracking on and off and
-compares every output.
+Tracking, registration, the preflight and the checkpoint uploads (``vlmpipe/ops``) write no DVC
+output: they are imported here but are no stage's DVC dependency, and a test runs the tiny DAG with
+tracking on and off and compares every output.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from vlmpipe.core.errors import UserError
 from vlmpipe.core.io import write_json
 from vlmpipe.core.params import flatten, load_params, to_dict
 from vlmpipe.core.runtime import seed_everything, setup_distributed, shutdown_distributed
-from vlmpipe.ops import registry
+from vlmpipe.ops import checkpoint_sync, registry
 from vlmpipe.ops.preflight import load_all, preflight
 from vlmpipe.ops.tracking import Run, stage_run
 
@@ -87,10 +89,14 @@ def stage(name: str, sections: Mapping[str, type], *, device: str | None = None,
         if not need.exists():
             raise UserError(f"{need}: missing upstream output (run `dvc repro` to build it)")
     p = load_params(sections)
-    preflight(name, load_all())  # anything this or a later stage cannot fetch: one line now
+    everything = load_all()
+    preflight(name, everything)  # anything this or a later stage cannot fetch: one line now
     rank, world, dev = 0, 1, torch.device("cpu")
     if device is not None:
         rank, world, dev = setup_distributed(functools.reduce(getattr, device.split("."), p), device)
+    # checkpoints.remote (off by default): the newest remote checkpoint where there is no local one, and
+    # every new one uploaded, by a helper process (vlmpipe/ops/checkpoint_sync.py); None when off.
+    sync = checkpoint_sync.start(name, everything.checkpoints, main=rank == 0)
     seed_everything(p.seed)
     unused = {f"{k}.{u}" for k, cls in sections.items() for u in getattr(cls, "UNUSED", {})}
     logged = {k: v for k, v in flatten({k: to_dict(getattr(p, k)) for k in sections}).items() if k not in unused}
@@ -98,9 +104,11 @@ def stage(name: str, sections: Mapping[str, type], *, device: str | None = None,
     try:
         with stage_run(name, logged, enabled=rank == 0, model=model) as run:
             yield Stage(name, p, run, rank, world, dev)
+        checkpoint_sync.finish(sync)  # the last checkpoint on the remote, or one warning line
         if rank == 0:
             logging.getLogger(name).info("%s done in %.0fs%s", name, time.perf_counter() - t0,
                                          f" ({world} ranks)" if world > 1 else "")
     finally:
+        checkpoint_sync.finish(sync)  # after a failure too (a no-op once finished)
         if device is not None:
             shutdown_distributed()

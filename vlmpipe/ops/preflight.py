@@ -31,6 +31,7 @@ from vlmpipe.core.download import default_download_dir
 from vlmpipe.sources import remote
 from vlmpipe.core.errors import UserError
 from vlmpipe.core.params import load_params
+from vlmpipe.ops.checkpoint_sync import CheckpointsParams
 from vlmpipe.sources.params import CifarParams, CocoParams, ConversationsParams, QaParams
 from vlmpipe.embeddings.params import EmbeddingsParams
 from vlmpipe.evaluate.params import EvaluateParams
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 # Every section of params.yaml with the class that checks it (``launch`` is core's).
 ALL_SECTIONS = {"coco": CocoParams, "cifar": CifarParams, "qa": QaParams, "siglip": SiglipParams,
                 "embeddings": EmbeddingsParams, "phi2": Phi2Params, "captioner": CaptionerParams,
-                "conversations": ConversationsParams, "chat": ChatParams, "evaluate": EvaluateParams}
+                "conversations": ConversationsParams, "chat": ChatParams, "evaluate": EvaluateParams,
+                "checkpoints": CheckpointsParams}
 
 
 def load_all(path=None):
