@@ -244,7 +244,7 @@ def predict_rows(model, rows: list[Row], batch_size: int = 32) -> Iterator[dict]
 
     out_key = KINDS[model.config.kind]
     encode = featurizer(model)  # the encoder loads once, not per batch
-    with tqdm(total=len(rows), desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True,
+    with tqdm(total=len(rows), desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
               disable=len(rows) <= batch_size) as bar:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
