@@ -66,7 +66,7 @@ def test_qa_export_is_the_adapter_model_merged_and_self_contained(built, tmp_pat
     assert cfg["encoder"]["path"] == "siglip" and (out / "siglip/model.safetensors").is_file()
     assert not (out / "adapter").exists()
     assert "quantization_config" not in json.loads((out / "lm/config.json").read_text())
-    merged = export.load_qa(out, "cpu")
+    merged = load_qa_model(out, "cpu")  # the trained model's loader, as ask, chat and serve use
     assert not any("lora" in n for n, _ in merged.lm.named_modules())
     with torch.no_grad():
         got = [merged.text_logits(batch(merged, images[0], q))[0] for q in QUESTIONS]
@@ -79,6 +79,10 @@ def test_qa_export_is_the_adapter_model_merged_and_self_contained(built, tmp_pat
     for f in ("lm/model.safetensors", "projector.safetensors", "siglip/model.safetensors"):
         assert f"| `{f}` | `{hashlib.sha256((out / f).read_bytes()).hexdigest()}` |" in card
     assert "lies in no DVC repository" in card  # a tmp folder: no dvc.yaml above it
+
+    (out / "lm/config.json").unlink()  # a damaged export: one line naming the folder
+    with pytest.raises(UserError, match=r"lm: missing \(the merged language model\); export the model again"):
+        load_qa_model(out, "cpu")
 
 
 @pytest.mark.parametrize("name, loader", [("captioner", load_captioner), ("chat", None)])

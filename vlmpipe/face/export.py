@@ -13,8 +13,9 @@
 
 The export is written beside OUT and moved into place at the end: a failed export leaves nothing.
 
-Loading a merged QA export needs ``load_qa`` below (``QAModel.load_lm`` always expects an adapter);
-``python -m vlmpipe predict`` uses it.
+An export loads with the loader of its kind (``load_qa_model``, which reads a merged ``lm/`` in
+place of base + adapter), so ``ask``, ``chat``, ``serve`` and ``predict`` take it as they take the
+trained folder.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from torch import nn
 from vlmpipe.core.errors import UserError
 from vlmpipe.core.io import atomic_path, read_json_file, write_json
 from vlmpipe.models.lm.prefix_lm import CONFIG_NAME
-from vlmpipe.models.qa_model import QAModel, load_base, load_qa_model
+from vlmpipe.models.qa_model import QAModel, load_qa_model
 
 log = logging.getLogger("vlmpipe.face.export")
 
@@ -41,33 +42,10 @@ KINDS = ("captioner", "qa", "chat")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 # The section of reports/metrics.json a kind's held-out scores are in (when dvc.lock does not say).
 METRICS_SECTION = {"qa": "vqa", "captioner": "captioner", "chat": "chat"}
-REEXPORT = "export the model again (python -m vlmpipe export MODEL_DIR OUT)"
-
-
-# ------------------------------------------------------------------ loading an export
-
-class MergedQAModel(QAModel):
-    """An exported QA model: the LoRA adapter merged into the dequantised base, saved whole in ``lm/``."""
-
-    @classmethod
-    def load_lm(cls, d: Path, config, device: torch.device) -> nn.Module:
-        if not (d / "lm" / "config.json").is_file():
-            raise UserError(f"{d / 'lm'}: missing (the merged language model); {REEXPORT}")
-        return load_base(d / "lm", False, config.extra.get("attn_implementation", "sdpa"), device,
-                         key=f"{d / CONFIG_NAME} lm")
 
 
 def is_merged(config: dict) -> bool:
     return bool((config.get("extra") or {}).get("merged"))
-
-
-def load_qa(directory: str | os.PathLike, device: str | torch.device = "auto") -> QAModel:
-    """A QA model folder in one call: trained (base + adapter, ``load_qa_model``) or a merged export."""
-    d = Path(directory)
-    cfg = read_json_file(d / CONFIG_NAME) if (d / CONFIG_NAME).is_file() else {}
-    if is_merged(cfg):
-        return MergedQAModel.load(d, device, rebuild=REEXPORT)
-    return load_qa_model(d, device)
 
 
 # ------------------------------------------------------------------ merging
@@ -269,8 +247,8 @@ def model_card(src: Path, out: Path) -> str:
                   "No adapter, bitsandbytes or peft is needed to load it."]
     lines += ["", "## Loading", "", "```python"]
     if kind == "qa":
-        lines += ["from vlmpipe.face.export import load_qa", "model = load_qa(\"THIS_FOLDER\")  # or: python -m "
-                  "vlmpipe predict --model THIS_FOLDER questions.jsonl"]
+        lines += ["from vlmpipe.models.qa_model import load_qa_model", "model = load_qa_model(\"THIS_FOLDER\")  # or: "
+                  "python -m vlmpipe predict --model THIS_FOLDER questions.jsonl"]
     else:
         loader = "load_captioner" if kind == "captioner" else "load_chat_model"
         module = "captioner" if kind == "captioner" else "chat_model"

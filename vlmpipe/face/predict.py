@@ -227,8 +227,8 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto"):
             from vlmpipe.models.chat_model import load_chat_model
             return load_chat_model(d, device)
         if kind == "qa":
-            from vlmpipe.face.export import load_qa
-            return load_qa(d, device)
+            from vlmpipe.models.qa_model import load_qa_model
+            return load_qa_model(d, device)
     raise UserError(f"{d / CONFIG_NAME}: kind {kind!r}; predict takes a captioner, qa or chat model")
 
 

@@ -147,9 +147,13 @@ class QAModel(PrefixLM):
     def load_lm(cls, d: Path, config: PrefixLMConfig, device: torch.device) -> nn.Module:
         from peft import PeftModel
 
+        x = config.extra
+        if x.get("merged"):  # an export (`python -m vlmpipe export`): the LoRA merged into the base, whole in lm/
+            if not (d / "lm" / "config.json").is_file():
+                raise UserError(f"{d / 'lm'}: missing (the merged language model); export the model again")
+            return load_base(d / "lm", False, x["attn_implementation"], device, key=f"{d / CONFIG_NAME} lm")
         if not (d / "adapter" / "adapter_config.json").is_file():
             raise UserError(f"{d / 'adapter'}: missing or incomplete LoRA adapter; {REBUILD}")
-        x = config.extra
         base = d / "lm" if config.lm_source == "tiny" else config.lm_source
         # A hub base is loaded at the very commit the adapter was trained on, never what the hub serves today.
         lm = load_base(base, x["load_in_4bit"], x["attn_implementation"], device, revision=config.lm_revision or "main",
