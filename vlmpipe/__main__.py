@@ -69,7 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--qa", default="models/phi2_vlm", help="QA model directory (default: %(default)s)")
     sv.add_argument("--chat", default="models/chat", help="chat model directory (default: %(default)s)")
     sv.add_argument("--coco", default="data/coco",
-                    help="data/coco folder whose held-out images the page offers (default: %(default)s)")
+                    help="data/coco folder whose held-out scenes the page offers the captioner and chat model "
+                         "(default: %(default)s)")
+    sv.add_argument("--conversations", default="data/conversations",
+                    help="held-out conversations (val.json) whose questions the scenes come with (default: %(default)s)")
+    sv.add_argument("--qa-csv", default="data/cifar_qa.csv",
+                    help="Q/A CSV whose held-out rows the page offers the QA model, with their questions "
+                         "(default: %(default)s)")
+    sv.add_argument("--cifar", default="data/cifar", help="the CIFAR folder the Q/A CSV indexes (default: %(default)s)")
     return ap
 
 
@@ -94,7 +101,8 @@ def _run(argv: list[str]) -> None:
     elif args.command == "serve":
         from vlmpipe.face.serve import serve
 
-        serve(args.host, args.port, args.captioner, args.qa, args.chat, args.coco)
+        serve(args.host, args.port, args.captioner, args.qa, args.chat, args.coco, cifar=args.cifar,
+              qa_csv=args.qa_csv, conversations=args.conversations)
     elif args.command == "chat":
         cli.chat(args.image, args.model, args.message, write=lambda text: print(one_line_error(text), flush=True))
     else:

@@ -2,9 +2,18 @@
 
 One page (``vlmpipe/face/demo.html``): drop or upload an image, or pick a held-out one, read the
 captioner's caption (beam search, the trained default), then ask the QA model or talk with the
-chat model about it, turn after turn, with the image beside the dialogue. The same dialogue models
-answer ``POST /v1/chat/completions`` in OpenAI's format, so the ``openai`` client (or anything that
-speaks to it) can talk to them: one image per conversation, sent inline as a data URI.
+chat model about it, turn after turn, with the image beside the dialogue.
+
+Each model's held-out examples come from its own data, where the truth is known: the QA model's
+from the test rows of the Q/A CSV (single CIFAR-style shapes, ``--qa-csv``/``--cifar``), the
+captioner's and chat model's from the COCO val scenes (``--coco``) with their reference captions and
+held-out conversations (``--conversations``). An example's known questions are offered on the page;
+the answer to one is marked right or wrong here, by the evaluation's own rule
+(``vlmpipe.scoring.metrics.vqa_accuracy``: normalised exact match). An upload has no truth and no mark.
+
+The same dialogue models answer ``POST /v1/chat/completions`` in OpenAI's format, so the ``openai``
+client (or anything that speaks to it) can talk to them: one image per conversation, sent inline as
+a data URI.
 
 Starlette + uvicorn, not Gradio: current Gradio releases cap Pillow below the version the rest of
 the pipeline pins, and both servers are already in MLflow's dependency tree.
@@ -26,11 +35,17 @@ HTTP API (JSON unless said otherwise):
 
     GET  /                      the page
     GET  /health                {"status": "ok", "models": [...], "captioner": bool} (200 once loaded)
-    GET  /api/info              the loaded models and the held-out example ids
+    GET  /api/info              the loaded models and the held-out example ids: "examples" (the scenes,
+                                the captioner's and chat model's), "qa_examples" (the QA model's)
     GET  /api/example/{id}.png  a held-out image
     POST /api/image             body: the image file's bytes  -> {image, caption, width, height, seconds}
-    POST /api/example/{id}      the same for a held-out image (+ its reference captions)
-    POST /api/reply             {image, model: "chat"|"qa", message, history: [[q, a], ...]} -> {reply, seconds}
+    POST /api/example/{id}      the same for a held-out image (a single shape is not captioned: the
+                                captioner learnt scenes) + {kind: "scene"|"shape", references: [caption,
+                                ...], questions: [its held-out questions, in order]}
+    POST /api/reply             {image, model: "chat"|"qa", message, history: [[q, a], ...], example?: id}
+                                -> {reply, seconds, expected, correct}: with "example" (the image is that
+                                picked example), the held-out answer to the message and whether the reply
+                                matches it; both null where no answer is known
     GET  /v1/models             the dialogue models, in OpenAI's list shape
     POST /v1/chat/completions   OpenAI's chat completions, streamed or not (docs/demo.md)
 
@@ -61,6 +76,7 @@ import torch
 
 from vlmpipe.core.errors import UserError
 from vlmpipe.core.images import decode_image as decode_image_bytes
+from vlmpipe.scoring.metrics import normalize_answer, vqa_accuracy
 
 log = logging.getLogger("vlmpipe.face.serve")
 
@@ -87,6 +103,9 @@ BODY_SECONDS = 120                # a body must arrive within this (a slow drip 
 # Images decoded at once: a small PNG can decode to 40 megapixels (120 MB), so the count is bounded too.
 DECODING = 2
 DIALOGUE_MODELS = ("chat", "qa")
+# Turn types whose answer depends on the turns before them ("what colour is it?"): scene_dialogues'
+# follow-ups, and every later turn of a conversation whose source records no types (llava.default_types).
+NEEDS_HISTORY = ("followup", "later")
 
 
 def decode_image(data: bytes, name: str = "the upload"):
@@ -122,16 +141,44 @@ def prompt_ids(model, message: str, history: list[tuple[str, str]]) -> list[int]
 
 
 @dataclass
+class Example:
+    """A held-out image the page offers, and what the held-out data knows about it."""
+
+    key: str                    # its id in the API: a COCO val image id ("4882"), or "cifar-test-17"
+    kind: str                   # "scene" (the captioner's and chat model's) or "shape" (the QA model's)
+    image: object               # an RGB PIL image
+    references: list[str] = field(default_factory=list)             # reference captions (scenes)
+    turns: list[tuple[str, str, str]] = field(default_factory=list)  # held-out (question, answer, type)
+
+    def known_answer(self, message: str, history: list[tuple[str, str]]) -> tuple[str, str] | None:
+        """(answer, type) of the held-out turn that asks ``message`` after ``history``, or None.
+        Questions match after the scorer's normalisation. A question stands alone, except a follow-up
+        ("what colour is it?"): its answer is known only after the conversation's own earlier questions."""
+        asked = [normalize_answer(q) for q, _ in history]
+        said = normalize_answer(message)
+        for j, (q, a, t) in enumerate(self.turns):
+            if normalize_answer(q) == said and (
+                    t not in NEEDS_HISTORY or asked == [normalize_answer(x) for x, _, _ in self.turns[:j]]):
+                return a, t
+        return None
+
+
+def scored(reply: str, answer: str, qtype: str) -> bool:
+    """Is ``reply`` right? The rule the held-out accuracy in reports/metrics.json is scored by."""
+    return vqa_accuracy([(reply, answer, qtype)])["accuracy"] == 1.0
+
+
+@dataclass
 class Demo:
     """The loaded models, their encoders, the held-out examples and the feature cache."""
 
     captioner: object | None
     dialogue: dict[str, object]                     # "chat" / "qa" -> a model with .answer()
-    examples: object | None = None                  # CocoCaptions of the held-out split
-    example_ids: list[int] = field(default_factory=list)
+    examples: dict[str, Example] = field(default_factory=dict)   # by key; scenes first, then shapes
     loaded_at: int = field(default_factory=lambda: int(time.time()))
     _encoders: dict[str, Callable] = field(default_factory=dict)
     _cache: OrderedDict = field(default_factory=OrderedDict)
+    _picked: dict[str, str] = field(default_factory=dict)   # example key -> its image's token, once picked
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _decoding: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(DECODING))
 
@@ -156,7 +203,8 @@ class Demo:
     def info(self) -> dict:
         return {"caption": self.captioner is not None,
                 "dialogue": {k: m.TITLE for k, m in self.dialogue.items()},
-                "examples": self.example_ids}
+                "examples": [k for k, e in self.examples.items() if e.kind == "scene"],
+                "qa_examples": [k for k, e in self.examples.items() if e.kind == "shape"]}
 
     def _features(self, image) -> tuple[str, dict]:
         """(token, cache entry) of ``image``, featurised now unless cached. The caller holds the lock."""
@@ -175,14 +223,16 @@ class Demo:
         self._cache.move_to_end(token)
         return token, entry
 
-    def add_image(self, image) -> dict:
-        """Featurise ``image`` for every encoder, caption it; returns the page's view of it."""
+    def add_image(self, image, caption: bool = True) -> dict:
+        """Featurise ``image`` for every encoder, caption it (unless ``caption`` is false); returns the
+        page's view of it."""
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
             token, entry = self._features(image)
-            if self.captioner is not None and entry["caption"] is None:
+            if caption and self.captioner is not None and entry["caption"] is None:
                 entry["caption"] = self.captioner.caption(entry["feats"][self._encoder_key(self.captioner)])[0]
-        return {"image": token, "caption": entry["caption"], "width": image.width, "height": image.height,
+        return {"image": token, "caption": entry["caption"] if caption else None,
+                "width": image.width, "height": image.height,
                 "seconds": round(time.perf_counter() - t0, 3)}
 
     def add_upload(self, data: bytes) -> dict:
@@ -196,9 +246,18 @@ class Demo:
             raise UserError(f"model: {model!r} is not loaded in this demo (loaded: {loaded})")
         return self.dialogue[model]
 
-    def reply(self, token: str, model: str, message: str, history: list[tuple[str, str]]) -> dict:
+    def reply(self, token: str, model: str, message: str, history: list[tuple[str, str]],
+              example: str | None = None) -> dict:
+        """The model's reply to ``message`` about the image ``token``; with ``example`` (the picked
+        example that image is), the held-out answer and whether the reply matches it."""
         m = self.dialogue_model(model)
         check_turn(message, history)
+        known = None
+        if example is not None:
+            ex = self.example(example)
+            if self._picked.get(example) != token:
+                raise UserError(f"example {example!r}: the image sent is not this example's; pick the example again")
+            known = ex.known_answer(message, history)
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
             entry = self._cache.get(token)
@@ -206,7 +265,8 @@ class Demo:
                 raise UserError("this image is no longer in the demo's cache: upload it again")
             self._cache.move_to_end(token)
             text = m.answer(entry["feats"][self._encoder_key(m)], [message], [history])[0]
-        return {"reply": text, "seconds": round(time.perf_counter() - t0, 3)}
+        return {"reply": text, "seconds": round(time.perf_counter() - t0, 3),
+                "expected": known[0] if known else None, "correct": scored(text, *known) if known else None}
 
     def complete(self, load_image: Callable, model: str, message: str, history: list[tuple[str, str]],
                  max_tokens: int | None = None) -> dict:
@@ -228,15 +288,80 @@ class Demo:
         return {"text": m.decode(ids), "prompt_tokens": m.config.prefix_tokens + len(prompt),
                 "completion_tokens": len(ids) + int(stopped), "finish_reason": "stop" if stopped else "length"}
 
-    def example_image(self, image_id: int):
-        if self.examples is None or image_id not in self.example_ids:
-            raise UserError(f"example {image_id}: not one of the demo's held-out images")
-        return self.examples.image(image_id)
+    def example(self, key: str) -> Example:
+        if key not in self.examples:
+            raise UserError(f"example {key[:40]!r}: not one of the demo's held-out images")
+        return self.examples[key]
+
+    def pick(self, key: str) -> dict:
+        """``add_image`` of held-out example ``key`` (a single shape uncaptioned: the captioner learnt
+        scenes, and its caption of one would say nothing of it) + what the page shows of its truth. The
+        answers stay here: a reply carries the one it is marked against."""
+        ex = self.example(key)
+        out = self.add_image(ex.image, caption=ex.kind == "scene")
+        self._picked[key] = out["image"]
+        return {**out, "kind": ex.kind, "references": ex.references, "questions": [q for q, _, _ in ex.turns]}
+
+
+def scene_examples(coco: str | None, conversations: str | None, n: int = N_EXAMPLES) -> list[Example]:
+    """The first ``n`` COCO val images of ``coco``, with their reference captions and the held-out
+    conversation about each (``conversations``/val.json), where there is one."""
+    from vlmpipe.data import llava
+    from vlmpipe.data.coco import CocoCaptions
+
+    if not coco or not (Path(coco) / "val2017.zip").is_file():
+        if coco:
+            log.warning("no %s/val2017.zip: the page offers no held-out scenes", coco)
+        return []
+    val = CocoCaptions(coco, "val")
+    talks: dict[int, list[tuple[str, str, str]]] = {}
+    if conversations and (Path(conversations) / "val.json").is_file():
+        records, types = llava.load_split(conversations, "val")
+        for r in records:
+            iid = llava.image_id(r["image"]) if llava.has_image(r) else None
+            if iid is not None and iid not in talks:  # the first conversation about an image
+                turns = llava.turns_of(r)
+                kinds = types.get(str(r["id"])) or llava.default_types(len(turns))
+                talks[iid] = [(q, a, t) for (q, a), t in zip(turns, kinds)]
+    elif conversations:
+        log.warning("no %s/val.json: the scenes come without held-out questions", conversations)
+    return [Example(str(i), "scene", val.image(i), val.captions(i), talks.get(i, [])) for i in val.ids[:n]]
+
+
+def shape_examples(cifar: str | None, qa_csv: str | None, n: int = N_EXAMPLES) -> list[Example]:
+    """``n`` held-out rows of the Q/A CSV (validated against the CIFAR images in ``cifar``), each class
+    in turn in the CSV's order (every class shown before any twice), with their questions and answers."""
+    from PIL import Image
+
+    from vlmpipe.data.cifar import load_split
+    from vlmpipe.data.qa import A_COLS, Q_COLS, T_COLS, part, read_qa_csv
+
+    if not qa_csv or not cifar or not Path(qa_csv).is_file() or not Path(cifar).is_dir():
+        if qa_csv and cifar:
+            log.warning("no %s or %s: the page offers the QA model no held-out images", qa_csv, cifar)
+        return []
+    by_class: dict[str, list[dict]] = {}
+    seen = set()
+    for r in part(read_qa_csv(qa_csv, cifar), "test").to_dict("records"):
+        key = f"cifar-{r['Split']}-{r['Dataset_Index']}"
+        if key not in seen:  # a CSV may have several rows about one image: its first is shown
+            seen.add(key)
+            by_class.setdefault(r["Class_Label"], []).append({**r, "key": key})
+    rows: list[dict] = []
+    while len(rows) < n and any(by_class.values()):
+        for group in by_class.values():
+            if group and len(rows) < n:
+                rows.append(group.pop(0))
+    splits = {s: load_split(cifar, s) for s in {r["Split"] for r in rows}}
+    return [Example(r["key"], "shape", Image.fromarray(splits[r["Split"]].images[r["Dataset_Index"]]), [],
+                    [(r[q], r[a], r[t]) for q, a, t in zip(Q_COLS, A_COLS, T_COLS) if r[q]])
+            for r in rows]
 
 
 def load_demo(captioner: str | None, qa: str | None, chat: str | None, coco: str | None,
-              device: str = "auto") -> Demo:
-    """Load what exists of the three models (at least one) and the held-out examples."""
+              device: str = "auto", *, cifar: str | None = None, qa_csv: str | None = None,
+              conversations: str | None = None) -> Demo:
+    """Load what exists of the three models (at least one) and each one's held-out examples."""
     from vlmpipe.face.api import quiet_loading
     from vlmpipe.models.captioner import load_captioner
     from vlmpipe.models.chat_model import load_chat_model
@@ -249,23 +374,20 @@ def load_demo(captioner: str | None, qa: str | None, chat: str | None, coco: str
             log.warning("no %s at %s (train it with `dvc repro`); the demo goes on without it", what, d)
         return False
 
-    with quiet_loading():
-        cap = load_captioner(captioner, device) if present(captioner, "captioner") else None
-        dialogue = {}
-        if present(chat, "chat model"):
-            dialogue["chat"] = load_chat_model(chat, device)
-        if present(qa, "QA model"):
-            dialogue["qa"] = load_qa_model(qa, device)
-    if cap is None and not dialogue:
+    has_cap, has_chat, has_qa = present(captioner, "captioner"), present(chat, "chat model"), present(qa, "QA model")
+    if not (has_cap or has_chat or has_qa):
         raise UserError(f"no trained model found at {captioner}, {chat} or {qa}: run `dvc repro` first")
-
-    examples, ids = None, []
-    if coco and (Path(coco) / "val2017.zip").is_file():
-        from vlmpipe.data.coco import CocoCaptions
-
-        examples = CocoCaptions(coco, "val")
-        ids = examples.ids[:N_EXAMPLES]
-    return Demo(cap, dialogue, examples, ids)
+    # The examples before the models: a broken CSV is reported in seconds, not after the loading.
+    examples = scene_examples(coco, conversations) if has_cap or has_chat else []
+    examples += shape_examples(cifar, qa_csv) if has_qa else []
+    with quiet_loading():
+        cap = load_captioner(captioner, device) if has_cap else None
+        dialogue = {}
+        if has_chat:
+            dialogue["chat"] = load_chat_model(chat, device)
+        if has_qa:
+            dialogue["qa"] = load_qa_model(qa, device)
+    return Demo(cap, dialogue, {e.key: e for e in examples})
 
 
 # ------------------------------------------------------------------ bounded requests
@@ -539,44 +661,36 @@ def build_app(demo: Demo, bodies: Bodies | None = None):
         async with bodies.read(request, MAX_UPLOAD_BYTES, "the upload", "images") as data:
             return JSONResponse(await run_in_threadpool(demo.add_upload, data))
 
-    def _example_id(request: Request) -> int:
-        try:
-            return int(request.path_params["image_id"])
-        except ValueError:
-            raise UserError(f"example {request.path_params['image_id'][:40]!r}: not an image id") from None
-
     async def example_png(request: Request):
         try:
-            im = await run_in_threadpool(demo.example_image, _example_id(request))
+            im = demo.example(request.path_params["image_id"]).image
         except UserError as e:
             return api_error(str(e), 404)
         buf = io.BytesIO()
-        im.save(buf, format="PNG")
+        await run_in_threadpool(im.save, buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
 
     async def example_pick(request: Request):
-        def pick():
-            image_id = _example_id(request)
-            out = demo.add_image(demo.example_image(image_id))
-            return {**out, "references": demo.examples.captions(image_id)}
         async with bodies.read(request, MAX_JSON_BYTES, "the request body"):  # none expected: bounded anyway
-            return JSONResponse(await run_in_threadpool(pick))
+            return JSONResponse(await run_in_threadpool(demo.pick, request.path_params["image_id"]))
 
     async def reply(request: Request):
-        expected = '{"image", "model", "message", "history": [[question, answer], ...]}'
+        expected = '{"image", "model", "message", "history": [[question, answer], ...], "example"?}'
         async with bodies.read(request, MAX_JSON_BYTES, "the request body") as data:
             body = parse_json(data, expected)
         try:
             token, model, message = body["image"], body.get("model", "chat"), body["message"]
-            history = body.get("history", [])
+            history, example = body.get("history", []), body.get("example")
             if not all(isinstance(v, str) for v in (token, model, message)) or not isinstance(history, list):
                 raise TypeError
             if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
                 raise TypeError
+            if example is not None and not isinstance(example, str):
+                raise TypeError
             history = [(q, a) for q, a in history]
         except (KeyError, TypeError):
             raise Refused(400, f"expected JSON {expected}") from None
-        return JSONResponse(await run_in_threadpool(demo.reply, token, model, message, history))
+        return JSONResponse(await run_in_threadpool(demo.reply, token, model, message, history, example))
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
@@ -629,7 +743,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 7860, captioner: str | None = "models/captioner",
           qa: str | None = "models/phi2_vlm", chat: str | None = "models/chat", coco: str | None = "data/coco",
-          device: str = "auto") -> None:
+          device: str = "auto", cifar: str | None = "data/cifar", qa_csv: str | None = "data/cifar_qa.csv",
+          conversations: str | None = "data/conversations") -> None:
     import uvicorn
 
     if not 0 <= port < 65536:
@@ -640,7 +755,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, captioner: str | None = "mo
         loopback = host == "localhost"
     _check_port_free(host, port)  # before minutes of model loading, not after
     t0 = time.perf_counter()
-    demo = load_demo(captioner, qa, chat, coco, device)
+    demo = load_demo(captioner, qa, chat, coco, device, cifar=cifar, qa_csv=qa_csv, conversations=conversations)
     log.info("models loaded in %.1fs: %s", time.perf_counter() - t0,
              ", ".join(filter(None, ["captioner" if demo.captioner else "", *demo.dialogue])))
     if not loopback:
