@@ -162,3 +162,20 @@ def test_a_file_that_is_not_a_notebook_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"nb\.ipynb: not a Jupyter notebook") as e:
         execute(bad, tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_prints_split_into_several_messages_render_as_one_output():
+    """The kernel may send a cell's prints as one stream message or several (timing): the page must not
+    show the difference. stderr goes to the log; a figure between prints keeps them apart."""
+    import nbformat
+
+    from vlmpipe.explore import notebook
+
+    out = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("print('a'); print('b')")
+    cell.outputs = [out("stream", name="stdout", text="a\n"), out("stream", name="stderr", text="warn\n"),
+                    out("stream", name="stdout", text="b\n"), out("display_data", data={"text/plain": "fig"}),
+                    out("stream", name="stdout", text="c\n")]
+    nb = notebook.scrub(nbformat.v4.new_notebook(cells=[cell]))
+    kinds = [(o.output_type, o.get("text")) for o in nb.cells[0].outputs]
+    assert kinds == [("stream", "a\nb\n"), ("display_data", None), ("stream", "c\n")]

@@ -95,7 +95,9 @@ def scrub(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
     Timings (``metadata.execution``, written when timing is recorded), display ids (``transient``)
     and stderr streams: logging, warnings and progress bars carry timestamps, rates and absolute
-    paths. Those go to this process's log instead, so a warning is still seen.
+    paths. Those go to this process's log instead, so a warning is still seen. Consecutive stdout
+    pieces are joined into one output: how the kernel splits a cell's prints into messages depends
+    on timing (two prints came as one output in one run and as two under load in another).
     """
     for i, cell in enumerate(nb.cells):
         cell.metadata.pop("execution", None)
@@ -106,6 +108,8 @@ def scrub(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
             out.pop("transient", None)
             if out.output_type == "stream" and out.name == "stderr":
                 log.info("notebook cell %d, stderr: %s", i + 1, one_line(out.text.strip())[:1000])
+            elif out.output_type == "stream" and kept and kept[-1].output_type == "stream":
+                kept[-1].text += out.text
             else:
                 kept.append(out)
         cell.outputs = kept
