@@ -19,7 +19,7 @@ import browser
 import servers
 from vlmpipe.sources.shapes import SHAPES
 from vlmpipe.core.errors import UserError
-from vlmpipe.face.serve import MAX_PIXELS, decode_image
+from vlmpipe.face.limits import MAX_PIXELS, decode_image
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -61,11 +61,11 @@ def test_decode_image_refuses_a_bad_upload_in_one_line(data, says):
 
 
 def test_decode_image_refuses_too_many_bytes(monkeypatch):
-    import vlmpipe.face.serve as serve
+    from vlmpipe.face import limits
 
-    monkeypatch.setattr(serve, "MAX_UPLOAD_BYTES", 100)
+    monkeypatch.setattr(limits, "MAX_UPLOAD_BYTES", 100)
     with pytest.raises(UserError, match="MiB"):
-        serve.decode_image(png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+        limits.decode_image(png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
 
 
 # ------------------------------------------------------------------ held-out examples and marks (fast)
@@ -225,7 +225,7 @@ def test_a_bad_example_id_is_one_line(tiny_demo, method, path, status):
 
 
 def test_shape_examples_skip_missing_data_and_refuse_a_broken_csv_in_one_line(tiny_cifar, tmp_path):
-    from vlmpipe.face.serve import shape_examples
+    from vlmpipe.face.examples import shape_examples
 
     assert shape_examples(str(tiny_cifar), str(tmp_path / "missing.csv")) == []
     broken = tmp_path / "qa.csv"

@@ -127,7 +127,7 @@ def test_one_image_path_from_training_to_every_face(tmp_path, siglip, monkeypatc
 
     import pandas as pd
 
-    from vlmpipe.face import images as face_images, serve
+    from vlmpipe.face import images as face_images, limits
     from vlmpipe.face.pyfunc_model import VlmpipeModel
     from vlmpipe.models.siglip.model import SigLIP
 
@@ -148,7 +148,7 @@ def test_one_image_path_from_training_to_every_face(tmp_path, siglip, monkeypatc
                        **siglip.tokenize(["a photo of a circle"])))                       # training forward
     E.siglip_encoder(siglip, 1)([picture])                                                # feature cache
     E.siglip_encoder(siglip, 1)([face_images.read_image(png)])                            # CLI (`ask`, `caption`)
-    E.siglip_encoder(siglip, 1)([serve.decode_image(png.read_bytes())])                   # demo upload
+    E.siglip_encoder(siglip, 1)([limits.decode_image(png.read_bytes())])                   # demo upload
     siglip.save(tmp_path / "siglip")
     pyfunc = VlmpipeModel()
     pyfunc.load_context(types.SimpleNamespace(model_config={"kind": "siglip"},

@@ -481,7 +481,7 @@ def test_a_jpeg_whose_header_claims_more_than_its_data_is_refused_everywhere(tmp
     from PIL import Image
 
     from vlmpipe.data.coco import CocoCaptions
-    from vlmpipe.face import serve
+    from vlmpipe.face import limits
     from vlmpipe.face.images import read_image
     from vlmpipe.face.pyfunc_model import read_images
 
@@ -492,7 +492,7 @@ def test_a_jpeg_whose_header_claims_more_than_its_data_is_refused_everywhere(tmp
     f = tmp_path / "photo.jpg"
     f.write_bytes(data)
     want = "truncated JPEG (its header says 6000×6000 pixels"
-    for call, name in ((lambda: read_image(f), str(f)), (lambda: serve.decode_image(data), "the upload")):
+    for call, name in ((lambda: read_image(f), str(f)), (lambda: limits.decode_image(data), "the upload")):
         with pytest.raises(UserError) as e:
             call()
         assert one_line(e.value, name).startswith(f"{name}: {want}"), str(e.value)

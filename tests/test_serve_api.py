@@ -25,7 +25,8 @@ import pytest
 
 import servers
 import untrained
-from vlmpipe.face import serve
+from vlmpipe.face import limits, openai_api, serve
+from vlmpipe.core.errors import UserError
 
 QUESTIONS = ["what colour is the circle?", "is it red?"]
 MiB = 2**20
@@ -102,7 +103,7 @@ def test_a_body_is_read_only_up_to_its_limit_whatever_it_claims():
     status, headers, body, read = asgi(app, "POST", "/api/image", endless())
     assert status == 413 and headers.get("connection") == "close"
     assert json.loads(body) == {"error": "the upload is over 20 MiB; the demo takes images up to 20 MiB"}
-    assert read == serve.MAX_UPLOAD_BYTES // MiB + 1
+    assert read == limits.MAX_UPLOAD_BYTES // MiB + 1
     # A Content-Length over the limit: refused before a byte is read.
     status, _, body, read = asgi(app, "POST", "/v1/chat/completions", endless(),
                                  headers=[("Content-Length", str(300 * MiB))])
@@ -110,11 +111,11 @@ def test_a_body_is_read_only_up_to_its_limit_whatever_it_claims():
     assert "is over 27.7 MiB" in json.loads(body)["error"]["message"]
     # A Content-Length that understates: counted all the same.
     status, _, _, read = asgi(app, "POST", "/api/reply", endless(64 * 1024), headers=[("Content-Length", "10")])
-    assert status == 413 and read == serve.MAX_JSON_BYTES // (64 * 1024) + 1
+    assert status == 413 and read == limits.MAX_JSON_BYTES // (64 * 1024) + 1
 
 
 def test_bodies_held_at_once_share_one_budget():
-    bodies = serve.Bodies(budget=3 * MiB)
+    bodies = limits.Bodies(budget=3 * MiB)
     bodies.held = 2 * MiB  # as if other requests were being read
     status, headers, body, _ = asgi(serve.build_app(StandIn(), bodies), "POST", "/api/image", endless())
     assert status == 503 and "try again" in json.loads(body)["error"] and headers.get("connection") == "close"
@@ -166,14 +167,14 @@ def test_a_bug_reaches_the_client_as_internal_error_and_a_request_id_only(caplog
 ])
 def test_a_request_the_route_cannot_answer_is_refused_in_one_line(change, says):
     request = {"model": "chat", "messages": [user("what is it?", "data:image/png;base64,AAAA")], **change}
-    with pytest.raises(serve.Refused) as e:
-        serve.parse_chat_request(request, {"chat": None})
+    with pytest.raises(limits.Refused) as e:
+        openai_api.parse_chat_request(request, {"chat": None})
     assert says in e.value.message and "\n" not in e.value.message
     assert e.value.status == (404 if "model" in change else 400)
 
 
 def test_a_conversation_maps_to_history_and_question_with_system_prompts_ignored():
-    req = serve.parse_chat_request({"model": "chat", "max_tokens": 5, "temperature": 0.7, "messages": [
+    req = openai_api.parse_chat_request({"model": "chat", "max_tokens": 5, "temperature": 0.7, "messages": [
         {"role": "system", "content": "You are a helpful assistant."},
         user("what is it?", "data:image/png;base64,AAAA"),
         {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]},
@@ -186,12 +187,12 @@ def test_a_conversation_maps_to_history_and_question_with_system_prompts_ignored
     ("https://example.com/cat.png", 400, "remote image URLs are not fetched"),
     ("data:image/png,rawbytes", 400, "only base64 data URIs"),
     ("data:image/png;base64,!!!!", 400, "not valid base64"),
-    ("data:image/png;base64," + "A" * (serve.MAX_DATA_URI_CHARS + 4), 413, "over 20 MiB"),
+    ("data:image/png;base64," + "A" * (limits.MAX_DATA_URI_CHARS + 4), 413, "over 20 MiB"),
     ("data:image/png;base64," + base64.b64encode(b"hello").decode(), 400, "cannot read image"),
 ], ids=["remote", "not-base64-uri", "bad-base64", "too-big", "not-an-image"])
 def test_an_image_url_is_a_bounded_data_uri(url, status, says):
-    with pytest.raises((serve.Refused, serve.UserError)) as e:
-        serve.image_from_url(url, "messages[0].content[1].image_url")
+    with pytest.raises((limits.Refused, UserError)) as e:
+        openai_api.image_from_url(url, "messages[0].content[1].image_url")
     message = str(e.value)
     assert says in message and message.startswith("messages[0].content[1].image_url")
     assert getattr(e.value, "status", 400) == status
@@ -355,8 +356,8 @@ def _chunked_upload(port: int, path: str, total: int, out: dict, key) -> None:
 
 
 @pytest.mark.slow  # a server subprocess
-@pytest.mark.parametrize("path, limit", [("/api/image", serve.MAX_UPLOAD_BYTES),
-                                         ("/v1/chat/completions", serve.MAX_CHAT_BYTES)], ids=["page-upload", "openai"])
+@pytest.mark.parametrize("path, limit", [("/api/image", limits.MAX_UPLOAD_BYTES),
+                                         ("/v1/chat/completions", limits.MAX_CHAT_BYTES)], ids=["page-upload", "openai"])
 def test_three_concurrent_200_mb_chunked_uploads_are_refused_early_and_memory_stays_flat(server, client, path, limit):
     before = _rss_kib(server.pid)
     Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # restart the peak (VmHWM) from now

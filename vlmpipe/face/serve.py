@@ -55,15 +55,10 @@ HTTP API (JSON unless said otherwise):
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import contextlib
 import hashlib
 import io
 import ipaddress
-import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -75,57 +70,16 @@ from typing import Callable
 import torch
 
 from vlmpipe.core.errors import UserError
-from vlmpipe.core.images import decode_image as decode_image_bytes
-from vlmpipe.scoring.metrics import normalize_answer, vqa_accuracy
+from vlmpipe.face.examples import Example, scene_examples, scored, shape_examples
+from vlmpipe.face.limits import (DECODING, MAX_CHAT_BYTES, MAX_JSON_BYTES, MAX_UPLOAD_BYTES, Bodies, Refused,
+                                 check_turn, decode_image, parse_json)
+from vlmpipe.face.openai_api import completion, completion_events, image_from_url, parse_chat_request
 
 log = logging.getLogger("vlmpipe.face.serve")
 
 PAGE = Path(__file__).with_name("demo.html")
-MAX_UPLOAD_BYTES = 20 * 2**20
-# Checked from the header, before decoding: a small PNG can claim 50000×50000 pixels and take
-# gigabytes to decode.
-MAX_PIXELS = 40_000_000
-CACHE_IMAGES = 32
-N_EXAMPLES = 12
-MAX_MESSAGE_CHARS = 2000
-# The earlier turns sent with a message. A model reads only the last few hundred tokens of them
-# (older turns are dropped), but every character is tokenized first, under the model lock: 100,000
-# characters take about 0.05 s on a 2-core CPU; 8 MB took seconds and stalled every other user.
-MAX_HISTORY_TURNS = 50
-MAX_HISTORY_CHARS = 100_000
-MAX_JSON_BYTES = 2**20            # a request body without an image (/api/reply, /api/example)
-# /v1/chat/completions carries its image inline in base64 (4 characters per 3 bytes) beside the messages.
-MAX_DATA_URI_CHARS = (MAX_UPLOAD_BYTES + 2) // 3 * 4 + 256
-MAX_CHAT_BYTES = MAX_DATA_URI_CHARS + MAX_JSON_BYTES
-# All request bodies held at once: a few full-size uploads; beyond it a request is told to retry.
-MAX_BODIES_BYTES = 96 * 2**20
-BODY_SECONDS = 120                # a body must arrive within this (a slow drip holds its share)
-# Images decoded at once: a small PNG can decode to 40 megapixels (120 MB), so the count is bounded too.
-DECODING = 2
+CACHE_IMAGES = 32  # images whose features the demo keeps (an LRU)
 DIALOGUE_MODELS = ("chat", "qa")
-# Turn types whose answer depends on the turns before them ("what colour is it?"): scene_dialogues'
-# follow-ups, and every later turn of a conversation whose source records no types (llava.default_types).
-NEEDS_HISTORY = ("followup", "later")
-
-
-def decode_image(data: bytes, name: str = "the upload"):
-    """An RGB PIL image from an upload's bytes, within the demo's limits, or a one-line ``UserError``."""
-    return decode_image_bytes(data, name, MAX_UPLOAD_BYTES, MAX_PIXELS)
-
-
-def check_turn(message: str, history: list[tuple[str, str]]) -> None:
-    """A message and its history within the demo's bounds, or a one-line ``UserError``."""
-    if not message.strip():
-        raise UserError("message: empty (ask something about the image)")
-    if len(message) > MAX_MESSAGE_CHARS:
-        raise UserError(f"message: {len(message)} characters; keep it under {MAX_MESSAGE_CHARS}")
-    if len(history) > MAX_HISTORY_TURNS:
-        raise UserError(f"history: {len(history)} earlier turns; the demo takes up to {MAX_HISTORY_TURNS} "
-                        "(the models read only the last few; send fewer or start over)")
-    chars = sum(len(q) + len(a) for q, a in history)
-    if chars > MAX_HISTORY_CHARS:
-        raise UserError(f"history: {chars} characters; the demo takes up to {MAX_HISTORY_CHARS} "
-                        "(the models read only the last few turns; send fewer or start over)")
 
 
 def prompt_ids(model, message: str, history: list[tuple[str, str]]) -> list[int]:
@@ -138,34 +92,6 @@ def prompt_ids(model, message: str, history: list[tuple[str, str]]) -> list[int]
         return CHAT.encode_prompt(model.tokenizer, message, history,
                                   max(model.window - int(model.config.max_new_tokens), 8))
     return QA.encode_prompt(model.tokenizer, message, history, model.config.max_prompt_tokens)
-
-
-@dataclass
-class Example:
-    """A held-out image the page offers, and what the held-out data knows about it."""
-
-    key: str                    # its id in the API: a COCO val image id ("4882"), or "cifar-test-17"
-    kind: str                   # "scene" (the captioner's and chat model's) or "shape" (the QA model's)
-    image: object               # an RGB PIL image
-    references: list[str] = field(default_factory=list)             # reference captions (scenes)
-    turns: list[tuple[str, str, str]] = field(default_factory=list)  # held-out (question, answer, type)
-
-    def known_answer(self, message: str, history: list[tuple[str, str]]) -> tuple[str, str] | None:
-        """(answer, type) of the held-out turn that asks ``message`` after ``history``, or None.
-        Questions match after the scorer's normalisation. A question stands alone, except a follow-up
-        ("what colour is it?"): its answer is known only after the conversation's own earlier questions."""
-        asked = [normalize_answer(q) for q, _ in history]
-        said = normalize_answer(message)
-        for j, (q, a, t) in enumerate(self.turns):
-            if normalize_answer(q) == said and (
-                    t not in NEEDS_HISTORY or asked == [normalize_answer(x) for x, _, _ in self.turns[:j]]):
-                return a, t
-        return None
-
-
-def scored(reply: str, answer: str, qtype: str) -> bool:
-    """Is ``reply`` right? The rule the held-out accuracy in reports/metrics.json is scored by."""
-    return vqa_accuracy([(reply, answer, qtype)])["accuracy"] == 1.0
 
 
 @dataclass
@@ -303,61 +229,6 @@ class Demo:
         return {**out, "kind": ex.kind, "references": ex.references, "questions": [q for q, _, _ in ex.turns]}
 
 
-def scene_examples(coco: str | None, conversations: str | None, n: int = N_EXAMPLES) -> list[Example]:
-    """The first ``n`` COCO val images of ``coco``, with their reference captions and the held-out
-    conversation about each (``conversations``/val.json), where there is one."""
-    from vlmpipe.data import llava
-    from vlmpipe.data.coco import CocoCaptions
-
-    if not coco or not (Path(coco) / "val2017.zip").is_file():
-        if coco:
-            log.warning("no %s/val2017.zip: the page offers no held-out scenes", coco)
-        return []
-    val = CocoCaptions(coco, "val")
-    talks: dict[int, list[tuple[str, str, str]]] = {}
-    if conversations and (Path(conversations) / "val.json").is_file():
-        records, types = llava.load_split(conversations, "val")
-        for r in records:
-            iid = llava.image_id(r["image"]) if llava.has_image(r) else None
-            if iid is not None and iid not in talks:  # the first conversation about an image
-                turns = llava.turns_of(r)
-                kinds = types.get(str(r["id"])) or llava.default_types(len(turns))
-                talks[iid] = [(q, a, t) for (q, a), t in zip(turns, kinds)]
-    elif conversations:
-        log.warning("no %s/val.json: the scenes come without held-out questions", conversations)
-    return [Example(str(i), "scene", val.image(i), val.captions(i), talks.get(i, [])) for i in val.ids[:n]]
-
-
-def shape_examples(cifar: str | None, qa_csv: str | None, n: int = N_EXAMPLES) -> list[Example]:
-    """``n`` held-out rows of the Q/A CSV (validated against the CIFAR images in ``cifar``), each class
-    in turn in the CSV's order (every class shown before any twice), with their questions and answers."""
-    from PIL import Image
-
-    from vlmpipe.data.cifar import load_split
-    from vlmpipe.data.qa import A_COLS, Q_COLS, T_COLS, part, read_qa_csv
-
-    if not qa_csv or not cifar or not Path(qa_csv).is_file() or not Path(cifar).is_dir():
-        if qa_csv and cifar:
-            log.warning("no %s or %s: the page offers the QA model no held-out images", qa_csv, cifar)
-        return []
-    by_class: dict[str, list[dict]] = {}
-    seen = set()
-    for r in part(read_qa_csv(qa_csv, cifar), "test").to_dict("records"):
-        key = f"cifar-{r['Split']}-{r['Dataset_Index']}"
-        if key not in seen:  # a CSV may have several rows about one image: its first is shown
-            seen.add(key)
-            by_class.setdefault(r["Class_Label"], []).append({**r, "key": key})
-    rows: list[dict] = []
-    while len(rows) < n and any(by_class.values()):
-        for group in by_class.values():
-            if group and len(rows) < n:
-                rows.append(group.pop(0))
-    splits = {s: load_split(cifar, s) for s in {r["Split"] for r in rows}}
-    return [Example(r["key"], "shape", Image.fromarray(splits[r["Split"]].images[r["Dataset_Index"]]), [],
-                    [(r[q], r[a], r[t]) for q, a, t in zip(Q_COLS, A_COLS, T_COLS) if r[q]])
-            for r in rows]
-
-
 def load_demo(captioner: str | None, qa: str | None, chat: str | None, coco: str | None,
               device: str = "auto", *, cifar: str | None = None, qa_csv: str | None = None,
               conversations: str | None = None) -> Demo:
@@ -388,219 +259,6 @@ def load_demo(captioner: str | None, qa: str | None, chat: str | None, coco: str
         if has_qa:
             dialogue["qa"] = load_qa_model(qa, device)
     return Demo(cap, dialogue, {e.key: e for e in examples})
-
-
-# ------------------------------------------------------------------ bounded requests
-
-
-class Refused(Exception):
-    """A request answered with ``status`` and one line, before or instead of a model call."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-class Bodies:
-    """Request bodies read as bounded streams, all of them together within one byte budget."""
-
-    def __init__(self, budget: int = MAX_BODIES_BYTES) -> None:
-        self.budget, self.held = budget, 0  # touched on the event loop only: no lock needed
-
-    @contextlib.asynccontextmanager
-    async def read(self, request, limit: int, what: str, noun: str = "requests"):
-        """The body (bytes) while the block runs, counted in the budget until it ends;
-        ``Refused`` (413) past ``limit`` bytes: reading stops at the first chunk over it."""
-        from starlette.requests import ClientDisconnect
-
-        size = f"{limit / 2**20:.1f}".rstrip("0").rstrip(".") + " MiB"
-        too_big = f"{what} is over {size}; the demo takes {noun} up to {size}"
-        claimed = request.headers.get("content-length", "")
-        if claimed.isdigit() and int(claimed) > limit:  # refused before a byte is read
-            raise Refused(413, too_big)
-        # Chunks joined once at the end: a growing buffer would copy itself as it grows.
-        chunks, held = [], 0
-        try:
-            try:
-                async with asyncio.timeout(BODY_SECONDS):
-                    async for chunk in request.stream():  # Content-Length may lie, or be absent (chunked)
-                        if held + len(chunk) > limit:
-                            raise Refused(413, too_big)
-                        if self.held + len(chunk) > self.budget:
-                            raise Refused(503, "the server is busy receiving other requests; try again in a moment")
-                        chunks.append(chunk)
-                        self.held += len(chunk)
-                        held += len(chunk)
-            except TimeoutError:
-                raise Refused(408, f"{what} did not arrive within {BODY_SECONDS} s") from None
-            except ClientDisconnect:
-                raise Refused(400, "the client went away before sending the whole request") from None
-            body = b"".join(chunks)
-            chunks.clear()
-            yield body
-        finally:
-            self.held -= held
-
-
-def parse_json(data: bytes | bytearray, expected: str):
-    """``json.loads`` that answers a bad body with one line: malformed, not UTF-8, or nested so deep
-    that the parser recurses out of stack (100,000 ``[`` raise RecursionError, not ValueError)."""
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise Refused(400, f"expected JSON {expected}: nested too deeply") from None
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError both
-        raise Refused(400, f"expected JSON {expected}") from None
-
-
-# ------------------------------------------------------------------ the OpenAI route
-
-OPENAI_ROLES = ("system", "developer", "user", "assistant")
-_WORDS = re.compile(r"\S+\s*|\s+")  # a reply in pieces whose concatenation is the reply
-
-
-@dataclass
-class ChatRequest:
-    model: str
-    image_url: str
-    image_at: str          # where in the request the image is: messages[i].content[j].image_url
-    message: str
-    history: list[tuple[str, str]]
-    max_tokens: int | None
-    stream: bool
-    include_usage: bool
-
-
-def _text_of(content, at: str, role: str, images: list) -> str:
-    """A message's text; its image parts appended to ``images`` as (url, where)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise Refused(400, f"{at}.content: expected a string or a list of content parts", at + ".content")
-    texts = []
-    for j, part in enumerate(content):
-        where = f"{at}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url" and role == "user":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str):
-                raise Refused(400, f"{where}.image_url.url: expected a data URI string", where)
-            images.append((url, f"{where}.image_url"))
-        else:
-            what = repr(kind)[:40] if isinstance(kind, str) else "a part without a type"
-            allowed = "text and image_url" if role == "user" else "text"
-            raise Refused(400, f"{where}: {what} is not taken in a {role} message ({allowed} parts are)", where)
-    return " ".join(texts)
-
-
-def parse_chat_request(body, loaded: dict) -> ChatRequest:
-    """The OpenAI request ``body`` mapped to one image, a history and a question, or ``Refused``."""
-    if not isinstance(body, dict):
-        raise Refused(400, 'expected a JSON object {"model", "messages", ...}')
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise Refused(400, f"model: expected one of {', '.join(loaded) or 'none'}", "model")
-    if model not in loaded:
-        raise Refused(404, f"model: {model[:100]!r} is not loaded here (loaded: {', '.join(loaded) or 'none'})",
-                      "model", "model_not_found")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise Refused(400, "messages: expected a non-empty list of {role, content}", "messages")
-    if len(messages) > 2 * MAX_HISTORY_TURNS + 10:  # the turn bound below, with room for system messages
-        raise Refused(400, f"messages: {len(messages)}; the demo takes up to {MAX_HISTORY_TURNS} earlier turns",
-                      "messages")
-    turns, images = [], []
-    for i, msg in enumerate(messages):
-        at = f"messages[{i}]"
-        role = msg.get("role") if isinstance(msg, dict) else None
-        if role not in OPENAI_ROLES:
-            what = repr(role)[:40] if isinstance(role, str) else "no role"
-            raise Refused(400, f"{at}.role: {what} is not taken (system, user, assistant)", at + ".role")
-        text = _text_of(msg.get("content"), at, role, images)
-        if role in ("user", "assistant"):  # system prompts are ignored: the models were trained without one
-            turns.append((role, text))
-    roles = [r for r, _ in turns]
-    if roles != [("user", "assistant")[k % 2] for k in range(len(roles))] or roles[-1:] != ["user"]:
-        raise Refused(400, "messages: expected user and assistant messages taking turns, ending with a user "
-                           "message", "messages")
-    if len(images) != 1:
-        raise Refused(400, "messages: no image; put one image_url part (a data:image/...;base64 URI) in a user "
-                           "message" if not images else
-                      f"messages: {len(images)} images; a conversation here is about exactly one image", "messages")
-
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise Refused(400, "max_tokens: expected a whole number >= 1", "max_tokens")
-    temperature = body.get("temperature")
-    if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                                    or not 0 <= temperature <= 2):
-        raise Refused(400, "temperature: expected a number from 0 to 2 (the models decode greedily whatever it is)",
-                      "temperature")
-    if body.get("n") not in (None, 1):
-        raise Refused(400, "n: only one choice per request (decoding is greedy: more would be copies)", "n")
-    stream = body.get("stream") or False
-    options = body.get("stream_options") or {}
-    if not isinstance(stream, bool) or not isinstance(options, dict):
-        raise Refused(400, "stream: expected true or false (stream_options: an object)", "stream")
-    texts = [t for _, t in turns]
-    return ChatRequest(model, images[0][0], images[0][1], texts[-1], list(zip(texts[0:-1:2], texts[1:-1:2])),
-                       max_tokens, stream, bool(options.get("include_usage")))
-
-
-def image_from_url(url: str, at: str):
-    """The image of a data URI, through the uploads' decoder and limits. Remote URLs are not fetched:
-    the server would reach out wherever a client points it, and wait on it."""
-    if re.match(r"https?://", url, re.IGNORECASE):
-        raise Refused(400, f"{at}: remote image URLs are not fetched by this server; send the image inline as "
-                           "a data URI (data:image/png;base64,...)", at, "remote_image_refused")
-    head, comma, payload = url.partition(",")
-    if not head.lower().startswith("data:") or not comma:
-        raise Refused(400, f"{at}: expected a data URI (data:image/png;base64,...)", at)
-    if not head.lower().endswith(";base64"):
-        raise Refused(400, f"{at}: only base64 data URIs are read (data:image/png;base64,...)", at)
-    if len(payload) > MAX_DATA_URI_CHARS:
-        raise Refused(413, f"{at}: the image is over {MAX_UPLOAD_BYTES // 2**20} MiB; the demo takes images up to "
-                           f"{MAX_UPLOAD_BYTES // 2**20} MiB", at)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise Refused(400, f"{at}: not valid base64", at) from None
-    return decode_image(data, at)
-
-
-def _openai_body(reply: dict, req: ChatRequest, cid: str, created: int) -> dict:
-    return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply["text"]},
-                         "finish_reason": reply["finish_reason"], "logprobs": None}],
-            "usage": _usage(reply)}
-
-
-def _usage(reply: dict) -> dict:
-    return {"prompt_tokens": reply["prompt_tokens"], "completion_tokens": reply["completion_tokens"],
-            "total_tokens": reply["prompt_tokens"] + reply["completion_tokens"]}
-
-
-def _openai_events(reply: dict, req: ChatRequest, cid: str, created: int):
-    """The reply as OpenAI's server-sent events: a role chunk, a chunk per word, the finish reason,
-    the usage if asked for, ``[DONE]``. The reply is generated whole first (the models' ``generate``
-    takes no streamer), so streaming changes the format, not when the first word comes."""
-    def event(choices: list, **extra) -> bytes:
-        return b"data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                       "model": req.model, "choices": choices, **extra}).encode() + b"\n\n"
-
-    def choice(delta: dict, finish: str | None = None) -> list:
-        return [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-
-    yield event(choice({"role": "assistant", "content": ""}))
-    for piece in _WORDS.findall(reply["text"]):
-        yield event(choice({"content": piece}))
-    yield event(choice({}, reply["finish_reason"]))
-    if req.include_usage:
-        yield event([], usage=_usage(reply))
-    yield b"data: [DONE]\n\n"
 
 
 # ------------------------------------------------------------------ the app
@@ -707,9 +365,9 @@ def build_app(demo: Demo, bodies: Bodies | None = None):
                                           req.model, req.message, req.history, req.max_tokens)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:  # errors are answered above, before the stream starts, as plain OpenAI errors
-            return StreamingResponse(_openai_events(out, req, cid, created), media_type="text/event-stream",
+            return StreamingResponse(completion_events(out, req, cid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(_openai_body(out, req, cid, created))
+        return JSONResponse(completion(out, req, cid, created))
 
     async def unexpected(request: Request, exc: Exception):
         # The last resort, for an error outside every handler: still no traceback to the client.
