@@ -246,6 +246,8 @@ def test_cli_captions_and_missing_file_error(pipeline, tmp_path):
     lines = out.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith(f"{img}\t") and line.split("\t")[1] for line in lines)
     assert lines[0] == lines[1]  # deterministic
+    # What the API says (the demo, the registry and predict are held to the API).
+    assert lines[0].split("\t")[1] == cli.caption_files(model, [img], beam_size=1, device="cpu")[0]
     missing = tmp_path / "nope.png"
     bad = _cli([str(img), str(missing), "--model", model], cwd=REPO)
     assert bad.returncode == 2 and bad.stdout == ""

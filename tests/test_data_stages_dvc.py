@@ -73,31 +73,23 @@ def test_bad_csv_through_the_stage_is_one_line_without_traceback(tmp_path):
     assert {p: p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()} == before
 
 
-def test_valid_user_csv_is_written_in_the_stage_columns(tmp_path):
-    """A user's CSV in its own columns, about train images only: written in the columns every later stage
-    reads, with the split, the default question type and one of its two images held out."""
+@pytest.mark.slow  # `dvc repro` of the data stages, three times
+@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="dvc is not installed in this environment")
+def test_data_stages_through_dvc_on_a_user_csv_then_nothing_to_do_then_its_edit_reruns(tmp_path):
+    """`dvc repro` of the two data stages with a user's CSV in its own columns, about train images only:
+    written in the columns every later stage reads, with the split, the default question type and one
+    of its two images held out. A second repro has nothing to do. An edit of the CSV (qa.csv_path, a DVC
+    dependency under inputs/data) reruns its stage: it used to be ignored ('didn't change, skipping'),
+    and training kept the stale copy."""
     from vlmpipe.sources import cifar
     from vlmpipe.sources import shapes
 
     repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
     _, labels, _ = cifar.synthetic_split(0, "train", 3)  # what the stage will generate
     names = [shapes.SHAPES[labels[i]] for i in (0, 1)]
-    text = "Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n" + "".join(
-        f"{i},{n},what is it?,,,,,{n},,,,\n" for i, n in enumerate(names))
-    (repo / "inputs/data/user_qa.csv").write_text(text)
-    r = _run([sys.executable, "stages/build_cifar_qa_csv.py"], repo)
-    assert r.returncode == 0, r.stderr
-    lines = (repo / "data/cifar_qa.csv").read_text().splitlines()
-    assert lines[0] == ("Dataset_Index,Class_Label,Split,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5,T1,T2,T3,T4,T5,Heldout")
-    assert [x.rsplit(",", 1)[0] for x in lines[1:]] == [f"{i},{n},train,what is it?,,,,,{n},,,,,unknown,,,,"
-                                                         for i, n in enumerate(names)]
-    assert sorted(x.rsplit(",", 1)[1] for x in lines[1:]) == ["no", "yes"]
-
-
-@pytest.mark.slow  # `dvc repro` of the data stages
-@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="dvc is not installed in this environment")
-def test_dvc_repro_of_the_data_stages_then_nothing_to_do(tmp_path):
-    repo = _copy_repo(tmp_path / "repo", SMALL)
+    csv_file = repo / "inputs/data/user_qa.csv"
+    csv_file.write_text("Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n" + "".join(
+        f"{i},{n},what is it?,,,,,{n},,,,\n" for i, n in enumerate(names)))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     setup = [["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "copy"]]
     if not (repo / ".dvc").exists():
@@ -109,9 +101,12 @@ def test_dvc_repro_of_the_data_stages_then_nothing_to_do(tmp_path):
     r = _run(dvc, repo)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (repo / "data/coco/train2017.zip").exists() and (repo / "data/coco/annotations/captions_val2017.json").exists()
-    assert (repo / "data/cifar/cifar-10-batches-py/test_batch").exists()
-    assert (repo / "data/cifar_qa.csv").read_text().startswith("Dataset_Index,Class_Label,Split,Q1")
-    assert (repo / "dvc.lock").exists()
+    assert (repo / "data/cifar/cifar-10-batches-py/test_batch").exists() and (repo / "dvc.lock").exists()
+    lines = (repo / "data/cifar_qa.csv").read_text().splitlines()
+    assert lines[0] == ("Dataset_Index,Class_Label,Split,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5,T1,T2,T3,T4,T5,Heldout")
+    assert [x.rsplit(",", 1)[0] for x in lines[1:]] == [f"{i},{n},train,what is it?,,,,,{n},,,,,unknown,,,,"
+                                                         for i, n in enumerate(names)]
+    assert sorted(x.rsplit(",", 1)[1] for x in lines[1:]) == ["no", "yes"]
 
     again = _run(dvc, repo)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -119,31 +114,11 @@ def test_dvc_repro_of_the_data_stages_then_nothing_to_do(tmp_path):
     assert "Data and pipelines are up to date" in out or out.count("didn't change") == 2, out
     assert "Running stage" not in out
 
-
-@pytest.mark.slow  # `dvc repro` of the data stages, twice
-@pytest.mark.skipif(not (BIN / "dvc").exists(), reason="dvc is not installed in this environment")
-def test_editing_the_user_csv_reruns_the_stage(tmp_path):
-    """qa.csv_path names a file under inputs/data, a DVC dependency: an edit is seen (it used to be
-    ignored: 'didn't change, skipping', and training kept the stale copy)."""
-    from vlmpipe.sources import cifar
-    from vlmpipe.sources import shapes
-
-    repo = _copy_repo(tmp_path / "repo", {**SMALL, "qa": {"csv_path": "inputs/data/user_qa.csv"}})
-    _, labels, _ = cifar.synthetic_split(0, "train", 3)
-    label = shapes.SHAPES[labels[0]]
-    csv_file = repo / "inputs/data/user_qa.csv"
-    csv_file.write_text("Dataset_Index,Class_Label,Q1,Q2,Q3,Q4,Q5,A1,A2,A3,A4,A5\n"
-                        f"0,{label},what is it?,,,,,{label},,,,\n"
-                        f"1,{shapes.SHAPES[labels[1]]},what is it?,,,,,{shapes.SHAPES[labels[1]]},,,,\n")
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-q", "-m", "copy"]):
-        assert _run(cmd, repo).returncode == 0
-    dvc = [str(BIN / "dvc"), "repro", "build_cifar_qa_csv"]
-    assert _run(dvc, repo).returncode == 0
     csv_file.write_text(csv_file.read_text().replace("what is it?", "what shape is this?"))
     r = _run(dvc, repo)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "Running stage 'build_cifar_qa_csv'" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "Running stage 'build_cifar_qa_csv'" in out, out
     assert "what shape is this?" in (repo / "data/cifar_qa.csv").read_text()
 
 

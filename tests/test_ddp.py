@@ -54,6 +54,15 @@ def ddp_workdir(tmp_path_factory, tiny_cifar, tiny_coco):
     return d
 
 
+@pytest.fixture(scope="module")
+def one_process(ddp_workdir, tmp_path_factory) -> Path:
+    """train_siglip in one process: the reference both multi-process runs are held to (run once)."""
+    one = tmp_path_factory.mktemp("ddp_one") / "one"
+    shutil.copytree(ddp_workdir, one)
+    _run(one, "train_siglip.py", 1)
+    return one
+
+
 def _env() -> dict:
     # A closed port: tracking is skipped at once (its own tests cover MLflow).
     return {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
@@ -71,11 +80,9 @@ def _curve(d: Path) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
-def test_two_ranks_match_one_process_and_shard_embeddings(ddp_workdir, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    for d in (one, two):
-        shutil.copytree(ddp_workdir, d)
-    _run(one, "train_siglip.py", 1)
+def test_two_ranks_match_one_process_and_shard_embeddings(ddp_workdir, one_process, tmp_path):
+    one, two = one_process, tmp_path / "two"
+    shutil.copytree(ddp_workdir, two)
     _run(two, "train_siglip.py", 2)
 
     a, b = _curve(one), _curve(two)
@@ -103,20 +110,18 @@ def test_two_ranks_match_one_process_and_shard_embeddings(ddp_workdir, tmp_path)
     assert coco.embeddings.shape[1:] == (5, 64)
 
 
-def test_two_machines_train_what_one_process_trains(ddp_workdir, tmp_path):
+def test_two_machines_train_what_one_process_trains(ddp_workdir, one_process, tmp_path):
     """`launch.nnodes: 2`: two launchers with --node, as on two machines, meet at a c10d rendezvous on
     loopback (1 process each) and train train_siglip with the global batch of one process. Same bound
     as above, for the same reasons: the mathematics is one process's; float noise grows with steps."""
     import servers
 
-    one, two = tmp_path / "one", tmp_path / "nodes"
-    for d in (one, two):
-        shutil.copytree(ddp_workdir, d)
+    one, two = one_process, tmp_path / "nodes"
+    shutil.copytree(ddp_workdir, two)
     port = servers.free_port()
     params = yaml.safe_load((two / "params.yaml").read_text())
     params["launch"].update(nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_timeout=120)
     (two / "params.yaml").write_text(yaml.safe_dump(params))
-    _run(one, "train_siglip.py", 1)
     cmd = [sys.executable, "-m", "vlmpipe.loop.launch", "--node", str(REPO / "stages/train_siglip.py")]
     env = {**_env(), "PYTHONPATH": str(REPO)}
     nodes = [subprocess.Popen(cmd, cwd=two, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

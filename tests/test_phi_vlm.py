@@ -345,18 +345,22 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow  # the CLI in a subprocess
-def test_cli_ask_answers_an_image_file(cli_model):
+def test_cli_ask_answers_an_image_file_whatever_the_text(cli_model):
+    """One answer line, equal to the in-process answer, for a question and history that mean something to a
+    browser, a template, a spreadsheet or a terminal (markup, formulas, a newline, bidi controls, emoji)."""
     from vlmpipe.face.images import read_image
 
     root, image = cli_model
-    question, history = "How many legs does it have?", [("What is in the image?", "cat")]
+    question = "<script>alert(1)</script> $x^2$ {{7*7}} =cmd|' /C calc'!A0 How many legs?"
+    history = [("\u202eevil\u202c 👩\u200d👩\u200d👧 \"quoted\" what is it?", "a,b\nc =1+1")]
     r = _cli(str(image), question, "--history", *history[0], "--model", str(root / "phi2_vlm"))
     assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 1 and r.stdout.endswith("\n")
     # The same answer as encoding the file with the recorded SigLIP tower in-process.
     model = Q.load_qa_model(root / "phi2_vlm", "cpu")
     emb = cli.featurize(model, [read_image(image)])
     expected = model.answer(emb, [question], [history])[0]
-    assert r.stdout == expected + "\n"
+    assert r.stdout == " ".join(expected.split()) + "\n"  # the CLI writes a reply as one line
     assert cli.ask_file(root / "phi2_vlm", image, question, history, device="cpu") == expected
 
 
@@ -403,15 +407,6 @@ def test_damaged_model_folder_is_one_line(trained, tmp_path, damage):
     with pytest.raises(UserError) as e:
         Q.load_qa_model(out, "cpu")
     assert str(out) in str(e.value) and "\n" not in str(e.value), str(e.value)
-
-
-@pytest.mark.slow  # the CLI in subprocesses
-def test_cli_ask_takes_any_text_and_answers_in_one_line(cli_model):
-    root, image = cli_model
-    for question in ("<script>alert(1)</script> $x^2$ {{7*7}} =cmd|' /C calc'!A0", "\u202eevil\u202c 👩‍👩‍👧 \"quoted\""):
-        r = _cli(str(image), question, "--history", "a,b\nc", "=1+1", "--model", str(root / "phi2_vlm"))
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.count("\n") == 1 and r.stdout.endswith("\n")
 
 
 # bitsandbytes' CPU back end imported as on a CPU with AVX512-BF16 (the check is replaced, the module
