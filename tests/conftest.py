@@ -103,21 +103,15 @@ def pytest_collection_modifyitems(config, items):
     """Marks the tests of a preset run slow, and groups tests for `pytest -n 2 --dist loadgroup` (the
     Makefile's): the tests of one preset run on the worker that built it, and each other module on one
     worker, so a session- or module-wide fixture is built once. The preset runs go first: they are the
-    longest work, and the other worker takes the modules meanwhile. Then the modules with the most slow
-    tests (subprocesses, several seconds each), and the in-process modules last: small pieces of work
-    that fill in while the other worker finishes, rather than a long module started at the end
-    (pyproject's --no-loadscope-reorder keeps this order)."""
+    longest work, and the other worker takes the modules meanwhile."""
     def group(item) -> str:
         uses = sorted(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
         return uses[0] if uses else item.nodeid.split("::")[0]
-    slow_tests: dict[str, int] = {}
     for item in items:
         if group(item) in SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
         item.add_marker(pytest.mark.xdist_group(group(item)))
-        slow_tests[group(item)] = slow_tests.get(group(item), 0) + bool(item.get_closest_marker("slow"))
-    # Stable: file order within each group and among groups of equal weight.
-    items.sort(key=lambda item: (group(item) not in SLOW_FIXTURES, -slow_tests[group(item)]))
+    items.sort(key=lambda item: group(item) not in SLOW_FIXTURES)  # stable: file order within each part
 
 
 @pytest.fixture(autouse=True, scope="session")
