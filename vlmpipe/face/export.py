@@ -19,7 +19,6 @@ trained folder.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlmpipe.core.download import file_digest
 from vlmpipe.core.errors import UserError
 from vlmpipe.core.io import atomic_path, read_json_file, write_json
 from vlmpipe.models.lm.prefix_lm import CONFIG_NAME
@@ -197,14 +197,6 @@ def _repo_root(d: Path) -> Path | None:
     return next((p for p in [d, *d.parents] if (p / "dvc.yaml").is_file()), None)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _metric_rows(metrics: dict) -> list[tuple[str, float, float | None]]:
     """(metric, value, its baseline) for the scalar held-out metrics; baselines are shown beside theirs."""
     def is_baseline(k: str) -> bool:
@@ -262,7 +254,7 @@ def model_card(src: Path, out: Path) -> str:
         lines += _provenance(root, src.resolve().relative_to(root).as_posix(), kind, yaml)
     lines += ["## Weight files (sha256)", "", "| file | sha256 |", "|---|---|"]
     for f in sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-        lines.append(f"| `{f.relative_to(out).as_posix()}` | `{_sha256(f)}` |")
+        lines.append(f"| `{f.relative_to(out).as_posix()}` | `{file_digest(f, 'sha256')}` |")
     return "\n".join(lines) + "\n"
 
 
