@@ -7,6 +7,7 @@ and from the pixels with a simpler method than the library's.
 from __future__ import annotations
 
 import csv
+from collections import defaultdict
 import hashlib
 import io
 import json
@@ -266,6 +267,38 @@ def test_coco_folder_is_official_format(tiny_coco):
         assert len(names) == n and all(re.fullmatch(rf"{split}2017/\d{{12}}\.jpg", m) for m in names)
 
 
+def test_synthetic_coco_states_each_scenes_facts_beside_its_captions(tiny_coco):
+    """annotations/scenes_{split}2017.json: the world's words and, per image, what its captions describe."""
+    assert sorted(p.name for p in (tiny_coco / "annotations").iterdir()) == [
+        "captions_train2017.json", "captions_val2017.json", "scenes_train2017.json", "scenes_val2017.json"]
+    for split in ("train", "val"):
+        facts = json.loads((tiny_coco / f"annotations/scenes_{split}2017.json").read_text())
+        words = facts["vocabulary"]
+        assert (words["kinds"], words["colours"], words["sizes"], words["backgrounds"]) == (
+            list(shapes.SHAPES), list(shapes.COLOURS), list(shapes.SIZES), list(shapes.BACKGROUNDS))
+        assert [(q["name"], (q["column"], q["row"])) for q in words["quadrants"]] == list(
+            zip(shapes.QUADRANT_NAMES, shapes.QUADRANTS))
+        data = json.loads((tiny_coco / f"annotations/captions_{split}2017.json").read_text())
+        assert [s["image_id"] for s in facts["scenes"]] == [im["id"] for im in data["images"]]
+        captions = defaultdict(list)
+        for a in data["annotations"]:
+            captions[a["image_id"]].append(a["caption"])
+        for scene in facts["scenes"]:
+            caps = captions[scene["image_id"]]
+            assert scene["background"] in words["backgrounds"] and 1 <= len(scene["shapes"]) <= 3
+            assert len({s["quadrant"] for s in scene["shapes"]}) == len(scene["shapes"])
+            # Every shape is in some caption with its size, colour and kind; no caption names another kind.
+            for s in scene["shapes"]:
+                assert any(f"{s['size']} {s['colour']} {s['kind']}" in c
+                           or f"{s['size']} {s['kind']} coloured {s['colour']}" in c for c in caps), (s, caps)
+                placed = [c for c in caps if re.search(rf"{s['kind']} in the (top|bottom) (left|right)", c)]
+                assert all(f"{s['kind']} in the {s['quadrant']}" in c for c in placed), (s, placed)
+            named = {k for c in caps for k in words["kinds"] if re.search(rf"\b{k}\b", c)}
+            assert named == {s["kind"] for s in scene["shapes"]}, (scene, caps)
+            said = {b for c in caps for b in words["backgrounds"] if f"{b} background" in c}
+            assert said <= {scene["background"]}, (scene, caps)
+
+
 def test_coco_reader(tiny_coco):
     ds = coco.CocoCaptions(tiny_coco, "train")
     assert len(ds) == 12 and ds.ids == sorted(ds.ids) and all(isinstance(i, int) for i in ds.ids)
@@ -302,7 +335,8 @@ def test_coco_reader_survives_pickle_and_fork(tiny_coco):
 def test_coco_generation_is_deterministic_and_subset_reuses_the_same_images(tmp_path, tiny_coco):
     again = tmp_path / "again"
     coco_source.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64), 0, again)
-    for rel in ("train2017.zip", "val2017.zip", "annotations/captions_train2017.json"):
+    for rel in ("train2017.zip", "val2017.zip", "annotations/captions_train2017.json",
+                "annotations/scenes_train2017.json"):
         assert (again / rel).read_bytes() == (tiny_coco / rel).read_bytes(), rel
 
     sub = tmp_path / "sub"
@@ -312,6 +346,13 @@ def test_coco_generation_is_deterministic_and_subset_reuses_the_same_images(tmp_
     for i in part.ids:
         assert part.captions(i) == full.captions(i)
         assert np.array_equal(np.asarray(part.image(i)), np.asarray(full.image(i)))
+    # The subset's facts are the full set's, for the images kept.
+    facts = {split: [json.loads((root / f"annotations/scenes_{split}2017.json").read_text()) for root in (tiny_coco, sub)]
+             for split in ("train", "val")}
+    for split, (whole, kept) in facts.items():
+        ids = coco.CocoCaptions(sub, split).ids
+        assert len(ids) == 5 and kept["vocabulary"] == whole["vocabulary"]
+        assert kept["scenes"] == [s for s in whole["scenes"] if s["image_id"] in set(ids)]
     sub2 = tmp_path / "sub2"
     coco_source.build(CocoParams(synthetic_train_images=12, synthetic_val_images=6, image_size=64, max_images=5), 0, sub2)
     assert (sub2 / "train2017.zip").read_bytes() == (sub / "train2017.zip").read_bytes()
@@ -371,6 +412,9 @@ def test_coco_from_params_mirror_local_copy_and_their_mistakes(tmp_path, file_se
     # A mirror serving other bytes than the published archives, as said with verify: false.
     assert coco_source.build(CocoParams(source="coco2017", url=mirror, verify=False), 0, tmp_path / "a",
                       download_dir=tmp_path / "dl") == {"train": 4, "val": 2}
+    # Real COCO has no scene facts: none are written, even when the archives hold the shapes world.
+    assert sorted(p.name for p in (tmp_path / "a/annotations").iterdir()) == [
+        "captions_train2017.json", "captions_val2017.json"]
     # A folder the user filled: used in place, nothing downloaded, nothing changed. Its whole archives
     # are copied, never linked: the user's files keep their link count and mode, and a later append
     # to one (`curl -C -`) leaves the output, which DVC caches by linking, as it was.

@@ -9,7 +9,9 @@ A *source folder* holds the three files under their official names:
 For ``coco.source: coco2017`` they are downloaded (cached in the download folder, resumable) or
 taken from ``coco.local_dir``; for ``synthetic`` they are generated from the shapes world.
 ``ingest`` then writes the output folder that ``vlmpipe.data.coco.CocoCaptions`` reads, keeping
-``coco.max_images`` images per split (a seeded subset).
+``coco.max_images`` images per split (a seeded subset). The synthetic source adds the facts of each
+kept scene (``write_scene_facts``: ``annotations/scenes_{split}2017.json``), which the scene score of
+the captioner reads; real COCO has none.
 
 ``coco.split: karpathy`` splits the same images as captioning papers do: ``ingest_karpathy`` writes
 the same layout, with train = Karpathy's train + restval and val = Karpathy's test, each image taken
@@ -40,7 +42,7 @@ from vlmpipe.core.download import default_download_dir, download, file_digest, o
 from vlmpipe.core.errors import UserError
 from vlmpipe.data.coco import (MAX_CAPTIONS_BYTES, MAX_IMAGE_BYTES, SPLITS, captions_member, check_member_size,
                                image_member, load_captions_json)
-from vlmpipe.sources import remote, shapes
+from vlmpipe.sources import remote, scene_dialogues, shapes
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,39 @@ def write_synthetic_source(src: str | os.PathLike, n_train: int, n_val: int, ima
             info = zipfile.ZipInfo(captions_member(split), date_time=_ZIP_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, json.dumps(captions_json[split]))
+
+
+def scenes_member(split: str) -> str:
+    """Where the scene facts of ``split`` lie in the output folder (``vlmpipe.scoring.scene`` reads it)."""
+    return f"annotations/scenes_{split}2017.json"
+
+
+def scene_vocabulary() -> dict:
+    """The shapes world's words, so a reader of the facts needs no copy of ``shapes``' constants; a
+    quadrant with its column and row (0 left/top, 1 right/bottom), which relations are read from."""
+    return {
+        "kinds": list(shapes.SHAPES), "colours": list(shapes.COLOURS), "sizes": list(shapes.SIZES),
+        "backgrounds": list(shapes.BACKGROUNDS),
+        "quadrants": [{"name": name, "column": col, "row": row}
+                      for name, (col, row) in zip(shapes.QUADRANT_NAMES, shapes.QUADRANTS)],
+    }
+
+
+def scene_facts(scene: shapes.Scene) -> dict:
+    """What is true of ``scene`` in the vocabulary's words: its shapes in reading order, its background."""
+    return {"background": scene.background,
+            "shapes": [{"kind": s.kind, "colour": s.colour, "size": s.size,
+                        "quadrant": shapes.QUADRANT_NAMES[s.quadrant]} for s in scene.shapes]}
+
+
+def write_scene_facts(out: str | os.PathLike, seed: int) -> None:
+    """Beside the captions of a synthetic output folder, the facts of every scene it kept (each
+    regenerated from its image's generator and checked against its stored captions)."""
+    out = Path(out)
+    for split in SPLITS:
+        scenes = [{"image_id": iid, **scene_facts(scene)} for iid, _, scene in scene_dialogues.scenes(out, split, seed)]
+        (out / scenes_member(split)).write_text(
+            json.dumps({"vocabulary": scene_vocabulary(), "scenes": scenes}), encoding="utf-8")
 
 
 def download_official(download_dir: str | os.PathLike | None = None, base_url: str | None = None, verify: bool = True) -> Path:
@@ -356,7 +391,9 @@ def build(params, seed: int, out: str | os.PathLike, download_dir: str | os.Path
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".coco-src.", dir=out.parent) as tmp:
             write_synthetic_source(tmp, params.synthetic_train_images, params.synthetic_val_images, params.image_size, seed)
-            return ingest(tmp, out, params.max_images, seed)
+            counts = ingest(tmp, out, params.max_images, seed)
+        write_scene_facts(out, seed)
+        return counts
     if params.split == "karpathy":  # read first: a wrong split file is said before a 19 GB download
         split_file = karpathy_file(params, download_dir)
         karpathy = read_karpathy(split_file)
