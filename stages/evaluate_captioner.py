@@ -1,5 +1,7 @@
 """evaluate_captioner: the captioner on the held-out COCO split, pycocoevalcap scores beside the
-constant caption (params ``evaluate.max_images``, ``evaluate.device``) -> reports/eval/captioner.json.
+constant caption, and on the shapes world the share of scenes captioned entirely right (checked against
+data/coco/annotations/scenes_val2017.json) (params ``evaluate.max_images``, ``evaluate.device``)
+-> reports/eval/captioner.json.
 """
 from pathlib import Path
 

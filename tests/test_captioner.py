@@ -263,3 +263,45 @@ def test_unreadable_image_is_user_error(pipeline, tmp_path):
     garbage.write_bytes(b"not an image")
     with pytest.raises(UserError, match=f"^{garbage}: cannot read image"):
         cli.caption_files(root / "models/captioner", [img, garbage])
+
+
+def test_the_evaluation_checks_each_caption_against_its_own_scene(pipeline, tmp_path, monkeypatch):
+    """evaluate_captioner's scene score: the share of held-out scenes whose caption is entirely right,
+    beside the constant caption's; absent where data/coco has no scene facts (real COCO)."""
+    import shutil
+
+    from vlmpipe.captioner import evaluate as ev
+    from vlmpipe.data.coco import CocoCaptions
+
+    root, _, _ = pipeline
+    model, feats, coco = root / "models/captioner", root / "data/embeddings", root / "data/coco"
+    untrained, _ = ev.evaluate_captioner(model, feats, coco, meteor=False)
+    scene_keys = {"scene_right", "scene_shapes_right", "baseline_scene_right", "baseline_scene_shapes_right"}
+    assert scene_keys <= set(untrained) and all(0 <= untrained[k] <= 1 for k in scene_keys)
+    assert untrained["baseline_scene_right"] < 1  # one constant caption cannot be right about six scenes
+
+    val = CocoCaptions(coco, "val")
+
+    def saying(caption_of):  # the model, captioning the split's images (in their order) as told
+        load = ev.load_captioner
+
+        def loaded(*a, **kw):
+            m = load(*a, **kw)
+            m.caption = lambda f: [caption_of(i) for i in val.ids[:len(f)]]
+            return m
+        return loaded
+
+    monkeypatch.setattr(ev, "load_captioner", saying(lambda i: val.captions(i)[-1]))
+    own, examples = ev.evaluate_captioner(model, feats, coco, meteor=False)
+    assert [g for _, g, _ in examples] == [val.captions(i)[-1] for i in val.ids]
+    assert own["scene_right"] == own["scene_shapes_right"] == 1.0
+    assert own["baseline_scene_right"] == untrained["baseline_scene_right"]
+    nxt = dict(zip(val.ids, val.ids[1:] + val.ids[:1]))
+    monkeypatch.setattr(ev, "load_captioner", saying(lambda i: val.captions(nxt[i])[-1]))
+    assert ev.evaluate_captioner(model, feats, coco, meteor=False)[0]["scene_right"] < 1  # the neighbour's scene
+
+    monkeypatch.undo()
+    real = tmp_path / "coco"
+    shutil.copytree(coco, real, ignore=shutil.ignore_patterns("scenes_*"))
+    plain, _ = ev.evaluate_captioner(model, feats, real, meteor=False)
+    assert not scene_keys & set(plain) and plain["cider"] == untrained["cider"]

@@ -32,6 +32,10 @@ def test_curves_baselines_and_gallery(tmp_path):
                         tmp_path / "gallery.html").read_text()
     assert "a red square" in page and "truth: no" in page and "class=bad" in page and "class=ok" in page
     assert page.count("data:image/png;base64,") == 2
+    assert "entirely right" not in page
+    page = gallery_html(caps, qa, {"captioner": {"cider": 2.0, "baseline_cider": 0.2, "scene_right": 0.25,
+                                                 "baseline_scene_right": 0.0}}, tmp_path / "gallery.html").read_text()
+    assert "entirely right in 0.250 of the scenes (constant caption 0.000)" in page
 
 
 def test_the_gallery_shows_each_qa_example_from_its_own_split(tmp_path, tiny_cifar, tiny_coco, monkeypatch):
@@ -57,3 +61,9 @@ def test_the_gallery_shows_each_qa_example_from_its_own_split(tmp_path, tiny_cif
     assert np.array_equal(np.asarray(seen["qa"][0].image), test.images[3])
     assert np.array_equal(np.asarray(seen["qa"][1].image), train.images[7])
     assert ("VQA token F1, free-form", 0.6, 0.2) in seen["pairs"]
+    # Real COCO's captioner has no scene score; the shapes world's stands beside its constant caption's.
+    assert not [p for p in seen["pairs"] if "entirely right" in p[0]]
+    seen.clear()
+    metrics["captioner"].update(scene_right=0.4, baseline_scene_right=0.01)
+    report.evaluation_reports(tmp_path, metrics, [], [], 2, tiny_coco, tiny_cifar)
+    assert ("caption entirely right", 0.4, 0.01) in seen["pairs"]

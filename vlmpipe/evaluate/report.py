@@ -170,8 +170,10 @@ def gallery_html(captions: Sequence[CaptionExample], qa: Sequence[QAExample], me
              ".ok{color:#1a7a2e}.bad{color:#b0201a}.ref{color:#555}</style>",
              "<h1>vlmpipe: held-out examples</h1>"]
     cap = metrics.get("captioner", {})
+    scene = (f"; the caption entirely right in {cap['scene_right']:.3f} of the scenes (constant caption "
+             f"{cap['baseline_scene_right']:.3f})" if "scene_right" in cap else "")
     parts.append(f"<h2>Captioner</h2><p>CIDEr {cap.get('cider', float('nan')):.3f} "
-                 f"(constant-caption baseline {cap.get('baseline_cider', float('nan')):.3f})</p><table>")
+                 f"(constant-caption baseline {cap.get('baseline_cider', float('nan')):.3f}){scene}</p><table>")
     for c in captions:
         refs = "".join(f"<div class=ref>ref: {e(r)}</div>" for r in c.references)
         parts.append(f"<tr><td><img src='data:image/png;base64,{_png_b64(c.image)}'></td>"
@@ -213,6 +215,8 @@ def evaluation_reports(reports: Path, metrics: Mapping, qa_examples: Sequence, c
           if "free_form" in vqa else []),
         ("CIDEr", cap["cider"], cap["baseline_cider"]),
         ("BLEU-4", cap["bleu4"], cap["baseline_bleu4"]),
+        # (the shapes world only: real COCO has no scene facts to check a caption against)
+        *([("caption entirely right", cap["scene_right"], cap["baseline_scene_right"])] if "scene_right" in cap else []),
         *([("chat exact match", metrics["chat"]["exact_match"], metrics["chat"]["blind_baseline"])]
           if "chat" in metrics else []),
     ], plots / "baselines.png"))
