@@ -153,6 +153,7 @@ def test_every_stage_ran_and_the_pipeline_is_clean(full_repo):
         p["captioner"]["vision_encoder_revision"]
     m = _json(full_repo.path / "reports/metrics.json")
     assert {"siglip", "vqa", "captioner", "chat"} <= set(m) and "i2t_r1" in m["siglip"]
+    assert "cider" in m["captioner"] and "scene_right" not in m["captioner"]  # real COCO: no scene facts
 
 
 LAUNCHED = ["train_siglip", "precompute_embeddings", "train_phi2_qlora", "train_gpt2_captioner", "train_gpt2_chat"]

@@ -11,7 +11,7 @@ from PIL import Image
 
 SIGLIP_KEYS = {"zero_shot_acc", "zero_shot_chance", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "r1_chance"}
 VQA_KEYS = {"accuracy", "blind_baseline", "by_type"}
-CAPTION_KEYS = {"bleu4", "cider", "rougeL", "meteor", "baseline_cider"}
+CAPTION_KEYS = {"bleu4", "cider", "rougeL", "meteor", "baseline_cider", "scene_right", "baseline_scene_right"}
 CHAT_KEYS = {"exact_match", "blind_baseline", "by_type", "blind_by_type", "followup_no_history", "nll_per_token"}
 ALL_STAGES = {"download_coco", "build_cifar_qa_csv", "train_siglip", "precompute_embeddings", "prepare_qa_base",
               "train_phi2_qlora", "train_gpt2_captioner", "build_conversations", "train_gpt2_chat", "evaluate_siglip",
@@ -30,6 +30,7 @@ def test_whole_dag_runs_and_every_model_beats_its_baseline(tiny_repo):
     assert v["accuracy"] > v["blind_baseline"] + 0.1, v
     assert c["cider"] > 1.3 * c["baseline_cider"], c
     assert c["meteor"] is None or 0 <= c["meteor"] <= 1
+    assert 0 <= c["scene_right"] <= 1 and 0 <= c["baseline_scene_right"] <= 1, c  # the shapes world: captions checked
     ch = m["chat"]
     assert CHAT_KEYS <= set(ch) and set(ch["by_type"]) == {"first", "followup", "describe"}, ch
     val = json.loads((tiny_repo.path / "data/conversations/val.json").read_text())
