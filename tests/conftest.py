@@ -116,9 +116,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_download_dir(tmp_path_factory):
-    """Downloads (and their verification record) in a folder of this test session, never ~/.cache."""
+    """Downloads (and their verification record) and the CPU peak in folders of this test session, never ~/.cache."""
     mp = pytest.MonkeyPatch()
     mp.setenv("VLMPIPE_DOWNLOAD_DIR", str(tmp_path_factory.mktemp("downloads")))
+    # The calibrated CPU peak too: a peak measured on a busy test machine must not become the user's.
+    mp.setenv("VLMPIPE_PEAK_FILE", str(tmp_path_factory.mktemp("peak") / "cpu_peak.json"))
     yield
     mp.undo()
 

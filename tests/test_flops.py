@@ -8,6 +8,7 @@ percent: what they leave out (the loss, norms, elementwise work) is that small, 
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -88,7 +89,39 @@ def test_resnet50_forward_flops_are_the_published_figure():
     assert flops == pytest.approx(2 * 4.09e9, rel=0.01)
 
 
-def test_cpu_peak_is_measured_and_plausible():
+def test_cpu_peak_is_calibrated_once_per_machine_and_shared(tmp_path, monkeypatch):
+    """The first stage to need the CPU's peak measures it and keeps it; every later process reads the same
+    figure without measuring, so every stage of a run divides by one peak."""
+    from vlmpipe.core import flops
+
+    monkeypatch.setenv("VLMPIPE_PEAK_FILE", str(tmp_path / "peak.json"))
+    monkeypatch.setattr(flops, "_cpu_peak_cache", {})
     peak, source = peak_flops(torch.device("cpu"), torch.float32)
-    assert "measured" in source and math.isfinite(peak)
+    assert source.startswith("calibrated float32 GEMM") and math.isfinite(peak)
     assert 1e9 < peak < 1e14  # a GEMM on 1-64 cores: between a GFLOP/s and 100 TFLOP/s
+    table = json.loads((tmp_path / "peak.json").read_text())
+    assert [v["flops"] for v in table.values()] == [peak]
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(flops, "_cpu_peak_cache", {})  # as a new process
+    monkeypatch.setattr(flops, "measure_cpu_gemm", no_measuring)
+    assert peak_flops(torch.device("cpu"), torch.float32) == (peak, source)
+    # Another precision is another entry; the first is kept.
+    monkeypatch.setattr(flops, "measure_cpu_gemm", lambda dtype: 5e11)
+    assert peak_flops(torch.device("cpu"), torch.bfloat16)[0] == 5e11
+    assert sorted(v["flops"] for v in json.loads((tmp_path / "peak.json").read_text()).values()) == sorted([peak, 5e11])
+
+
+def test_cpu_peak_in_an_unwritable_place_is_measured_and_said(tmp_path, monkeypatch, caplog):
+    from vlmpipe.core import flops
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("VLMPIPE_PEAK_FILE", str(tmp_path / "file" / "peak.json"))  # its folder is a file
+    monkeypatch.setattr(flops, "_cpu_peak_cache", {})
+    monkeypatch.setattr(flops, "measure_cpu_gemm", lambda dtype: 7e10)
+    with caplog.at_level("WARNING"):
+        assert peak_flops(torch.device("cpu"), torch.float32) == (7e10, "measured float32 GEMM, "
+                                                                  f"{torch.get_num_threads()} threads, this process only")
+    assert "CPU peak not kept" in caplog.text

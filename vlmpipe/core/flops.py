@@ -15,7 +15,7 @@ The model, written down:
   before it trains (the hub text encoder of SigLIP) ``2N``.
 - Attention scores and their weighted sum: ``4 * layers * d_model * T`` per token forward, three
   times that with backward (nanoGPT's ``12 L d T``, counting the causal half as computed).
-- The projector MLP: ``6P`` per sample (it runs once per image, not per token).
+- The projector MLP: ``6P`` per image region (it runs once per region of an image, not per token).
 - A convolution: ``2 * k_h * k_w * C_in / groups * C_out * H_out * W_out`` per image forward; the
   image tower trains, so three times that (the first layer's input gradient is counted though not
   needed: under 1 %).
@@ -25,12 +25,14 @@ convolutions (``torch.utils.flop_counter``) on small models.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
-
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -136,27 +138,66 @@ GPU_PEAK_TFLOPS: list[tuple[str, tuple[float, float, float]]] = [
     ("T4", (65.0, 8.1, 8.1)),        # fp16 tensor cores (no bf16)
 ]
 
-_cpu_peak_cache: dict[tuple[torch.dtype, int], float] = {}
+def peak_file() -> Path:
+    """Where this machine's calibrated CPU peaks are kept: ``$VLMPIPE_PEAK_FILE`` or
+    ``~/.cache/vlmpipe/cpu_peak.json``. Delete it to calibrate again (say, after a move to other hardware
+    under the same CPU name)."""
+    env = os.environ.get("VLMPIPE_PEAK_FILE")
+    return Path(env) if env else Path.home() / ".cache" / "vlmpipe" / "cpu_peak.json"
 
 
-def measured_cpu_peak(dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
-    """FLOP/s of a square GEMM on this CPU with torch's current threads: what a matmul reaches here,
-    the best of a few short runs (a measured ceiling, not the datasheet peak a GPU gets)."""
-    key = (dtype, torch.get_num_threads())
-    if key not in _cpu_peak_cache:
-        n = 1024
-        # Its own generator: measured mid-training (at the first logged step), a draw from the global RNG
-        # would shift every later dropout mask, so a model would depend on whether a peak was measured
-        # earlier in the same process (a resumed run, a stage that trains twice).
-        g = torch.Generator().manual_seed(0)
+def measure_cpu_gemm(dtype: torch.dtype = torch.float32, seconds: float = 1.5) -> float:
+    """FLOP/s of the fastest of many short square GEMMs (sizes 512, 1024 and 2048) on this CPU with torch's
+    current threads: what a matmul reaches here, a measured ceiling, not a datasheet peak."""
+    # Its own generator: a draw from the global RNG would shift every later dropout mask, so a model
+    # would depend on whether a peak was measured in the same process.
+    g = torch.Generator().manual_seed(0)
+    best = 0.0
+    for n in (512, 1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
         a @ b  # warm-up: thread pool and kernel selection
-        best, deadline = 0.0, time.perf_counter() + seconds
+        deadline = time.perf_counter() + seconds / 3
         while time.perf_counter() < deadline:
             t = time.perf_counter()
             a @ b
             best = max(best, 2 * n**3 / (time.perf_counter() - t))
-        _cpu_peak_cache[key] = best
+    return best
+
+
+_cpu_peak_cache: dict[str, tuple[float, str]] = {}
+
+
+def calibrated_cpu_peak(dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """(FLOP/s, source) of this machine's CPU for ``dtype`` at torch's current thread count, measured once
+    (``measure_cpu_gemm``) and kept in ``peak_file()``: every stage of a run, and every later run, divides
+    by the same figure, so MFU compares across stages. Measured mid-run, a peak followed the machine's
+    load of that moment (0.09 to 0.19 TFLOP/s within one run). The first process to need a figure
+    measures it under a file lock; the others wait and read it."""
+    threads = torch.get_num_threads()
+    key = f"{_cpu_name()} | {str(dtype).replace('torch.', '')} | {threads} threads | torch {torch.__version__}"
+    if key in _cpu_peak_cache:
+        return _cpu_peak_cache[key]
+    path = peak_file()
+    what = f"{str(dtype).replace('torch.', '')} GEMM, {threads} threads"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                table = json.loads(path.read_text())
+            except (OSError, ValueError):
+                table = {}
+            if key not in table:
+                table[key] = {"flops": measure_cpu_gemm(dtype), "measured": time.strftime("%Y-%m-%d")}
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+                os.replace(tmp, path)
+                log.info("calibrated this CPU: %.3f TFLOP/s (%s), kept in %s", table[key]["flops"] / 1e12, what, path)
+            entry = table[key]
+        _cpu_peak_cache[key] = float(entry["flops"]), f"calibrated {what}, {entry['measured']}"
+    except OSError as e:  # a read-only home: measure in this process, and say that it was not kept
+        log.warning("CPU peak not kept (%s: %s); measured for this process only", path, e.strerror or e)
+        _cpu_peak_cache[key] = measure_cpu_gemm(dtype), f"measured {what}, this process only"
     return _cpu_peak_cache[key]
 
 
@@ -174,8 +215,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
                 fast = torch.backends.cuda.matmul.allow_tf32
                 return (tf32 if fast else fp32) * 1e12, f"{name} datasheet, {'tf32' if fast else 'fp32'}"
         return float("nan"), f"{name}: not in vlmpipe.core.flops.GPU_PEAK_TFLOPS (set VLMPIPE_PEAK_TFLOPS)"
-    dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-    return measured_cpu_peak(dtype), f"measured {str(dtype).replace('torch.', '')} GEMM, {torch.get_num_threads()} threads"
+    return calibrated_cpu_peak(dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
 
 
 def device_name(device: torch.device) -> str:

@@ -499,6 +499,10 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
     amp_dtype = resolve_precision(cfg.precision, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype != torch.float32 \
         else contextlib.nullcontext
+    if main and device.type == "cpu":
+        from vlmpipe.core.flops import peak_flops
+
+        peak_flops(device, amp_dtype)  # calibrates this CPU once (kept per machine), before any step runs
     # The host waits for the device only every `log_every` steps (and at epoch ends and checkpoints):
     # losses stay on the device until then, so a GPU never idles between steps for a print.
     log_every = max(1, total // 200)  # MLflow gets <= ~200 train points; the CSV gets every step
