@@ -23,7 +23,7 @@ from vlmpipe.models import captioner as C
 from vlmpipe.core.params import TinyLMParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
-FEAT_DIM, REGIONS, PREFIX = 16, 5, 4
+FEAT_DIM, REGIONS, PREFIX = 16, 5, 5
 N_IMAGES = 16
 
 
@@ -110,6 +110,36 @@ def test_freeze_lm_trains_projector_only(world):
     assert trainable == {"projector"}
     model.train()
     assert not model.lm.training
+
+
+def test_projector_maps_each_region_to_its_own_tokens():
+    """With R regions each region's features make its own K/R prefix tokens (the same MLP for every region,
+    a learned position per token): a change in one quadrant moves that quadrant's tokens only."""
+    from vlmpipe.models.lm.projector import PrefixProjector
+
+    torch.manual_seed(0)
+    proj = PrefixProjector(FEAT_DIM, REGIONS, 10, 8)
+    feats = torch.randn(3, REGIONS, FEAT_DIM)
+    out = proj(feats)
+    assert out.shape == (3, 10, 8)
+    moved = feats.clone()
+    moved[:, 2] += 1.0  # region 2: tokens 4 and 5
+    changed = (proj(moved) - out).abs().amax(dim=(0, 2)) > 0
+    assert changed.tolist() == [False] * 4 + [True] * 2 + [False] * 4
+    # Two regions with the same features still give different tokens: the position tells them apart.
+    same = proj(feats[:, :1].expand(-1, REGIONS, -1))
+    assert not torch.allclose(same[:, 0], same[:, 2])
+    # One region is ClipCap's MLP as it was: no position vectors, the K tokens from one MLP.
+    one = PrefixProjector(FEAT_DIM, 1, 4, 8)
+    assert one.position is None and one.net[-1].out_features == 4 * 8
+
+
+def test_prefix_tokens_must_split_evenly_over_regions():
+    from vlmpipe.captioner.params import CaptionerParams
+    from vlmpipe.core.errors import UserError
+
+    with pytest.raises(UserError, match=r"captioner.prefix_tokens: must be a multiple of regions \(5\)"):
+        CaptionerParams(regions=5, prefix_tokens=4).validate("captioner")
 
 
 # --- training through the shared loop ----------------------------------------------------

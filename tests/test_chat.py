@@ -49,7 +49,7 @@ def captioner_dir(tmp_path_factory):
     lm_dir = tiny_base.build("gpt2", TinyLMParams(vocab_size=512, hidden_size=32, layers=2, heads=2, warmup_steps=0),
                              texts + ["a red star and a blue ring"] * 4, root / "tiny", seed=0)
     cap = CAP.build_captioner(lm_dir, encoder={"name": "test-encoder"}, feature_dim=FEAT_DIM, regions=REGIONS,
-                              prefix_tokens=4, freeze_lm=False, beam_size=2, max_caption_tokens=20, seed=0)
+                              prefix_tokens=10, freeze_lm=False, beam_size=2, max_caption_tokens=20, seed=0)
     cap.save(root / "captioner")
     return root / "captioner"
 
@@ -67,7 +67,7 @@ def trained(captioner_dir, tmp_path_factory):
     feats, convs, facts = _world_conversations(N)
     data = C.ChatDataset(model.tokenizer, feats, range(N), convs, model.window)
     task = TrainTask("chat", model, data, model.collate)
-    fit(task, TrainParams(epochs=60, batch_size=8, lr=1e-2, weight_decay=0.0, warmup_ratio=0.05, checkpoint_every=0,
+    fit(task, TrainParams(epochs=120, batch_size=8, lr=1e-2, weight_decay=0.0, warmup_ratio=0.05, checkpoint_every=0,
                           device="cpu"), seed=0, ckpt_dir=root / "ckpt", report_dir=root / "reports", identity={})
     model.eval()
     model.save(root / "model")

@@ -34,7 +34,7 @@ def build(root: Path) -> tuple[Path, list[Path]]:
     encoder = {**embeddings.siglip_identity(models / "siglip"), "path": "../siglip"}
     tiny = TinyLMParams(vocab_size=512, hidden_size=32, layers=1, heads=2, warmup_steps=0)
     gpt2 = tiny_base.build("gpt2", tiny, TEXTS * 4, root / "base/gpt2", seed=0, device="cpu")
-    cap = C.build_captioner(gpt2, encoder=encoder, feature_dim=32, regions=5, prefix_tokens=4, freeze_lm=False,
+    cap = C.build_captioner(gpt2, encoder=encoder, feature_dim=32, regions=5, prefix_tokens=5, freeze_lm=False,
                             beam_size=2, max_caption_tokens=10, seed=0, source_name="tiny")
     cap.save(models / "captioner")
     ChatModel.from_captioner(C.load_captioner(models / "captioner"), max_seq_len=64,

@@ -22,7 +22,7 @@ class CaptionerParams:
     # No LM warm-up: the captioner fine-tunes its whole LM on the captions anyway.
     tiny: TinyLMParams = field(default_factory=lambda: TinyLMParams(warmup_steps=0))
     prefix_tokens: int = 10
-    # Hidden width of the prefix projector's MLP; 0: min(K*H/2, 2*R*D) (ClipCap's K*H/2 for small inputs).
+    # Hidden width of the prefix projector's MLP; 0: min((K/R)*H/2, 2*D) per region (ClipCap's K*H/2 for one region and small inputs).
     projector_hidden: int = 0
     freeze_lm: bool = False
     max_caption_tokens: int = 40
@@ -33,6 +33,8 @@ class CaptionerParams:
     def validate(self, key: str) -> None:
         check(self.regions in (1, 5), f"{key}.regions", "must be 1 or 5")
         check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")
+        check(self.prefix_tokens % self.regions == 0, f"{key}.prefix_tokens",
+              f"must be a multiple of regions ({self.regions}): each region gets the same number of tokens")
         check(self.projector_hidden >= 0, f"{key}.projector_hidden", "must be >= 0 (0: sized from the LM)")
         check_revision(self.vision_encoder_revision, f"{key}.vision_encoder_revision")
         check_revision(self.lm_revision, f"{key}.lm_revision")

@@ -19,7 +19,7 @@ class Phi2Params:
     tiny: TinyLMParams = field(default_factory=TinyLMParams)
     load_in_4bit: bool = True
     prefix_tokens: int = 4
-    # Hidden width of the prefix projector's MLP; 0: min(K*H/2, 2*R*D) (see models/projector.py).
+    # Hidden width of the prefix projector's MLP; 0: min(K*H/2, 2*D) (one region; see models/lm/projector.py).
     projector_hidden: int = 0
     lora_r: int = 32
     lora_alpha: int = 64

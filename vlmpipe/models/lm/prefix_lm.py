@@ -130,11 +130,12 @@ class PrefixLM(nn.Module):
 
     def train_flops(self, batch: Mapping[str, torch.Tensor]) -> int:
         """Model FLOPs of ``forward`` + backward on ``batch`` (``vlmpipe/core/flops.py``): the projector once
-        per sample, the LM over the prefix and the padded text positions."""
+        per image region, the LM over the prefix and the padded text positions."""
         from vlmpipe.core.flops import mlp_train_flops
 
         b, t = batch["input_ids"].shape
-        return mlp_train_flops(self.projector, b) + self._lm_cost.train_flops(b, self.config.prefix_tokens + t)
+        regions = self.config.regions
+        return mlp_train_flops(self.projector, b * regions) + self._lm_cost.train_flops(b, self.config.prefix_tokens + t)
 
     @functools.cached_property
     def _lm_cost(self):

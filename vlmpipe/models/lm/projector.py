@@ -1,18 +1,23 @@
 """The MLP that turns image features into K prefix tokens for a language model.
 
-Input: features of shape [B, R, D] (R regions per image, e.g. 1 pooled vector
-or the whole image plus four quadrants). They are flattened to [B, R*D] and
-mapped by a two-layer MLP to [B, K, H], H being the LM's hidden size, as in
-ClipCap's MLP mapping network. The projector is trained in full (never through
-LoRA) and saved on its own, next to the LM or adapter it feeds.
+Input: features of shape [B, R, D] (R regions per image: 1 pooled vector, or the whole image plus
+four quadrants). With one region this is ClipCap's MLP mapping network: a two-layer MLP from the D
+features to [B, K, H], H being the LM's hidden size. With R regions the same MLP maps each region
+on its own to K/R tokens, and a learned embedding per token says which region (and which of its
+tokens) it is — LLaVA's projection of each patch, not one MLP over all regions flattened. Why:
+flattened, every prefix token mixes all regions, and the LM has to untangle which colour goes with
+which shape; region by region, "the shape in the top left" is a few tokens the LM attends to, with
+its kind, colour and size together. On the offline default (seed 0, same 6 epochs) the captioner's
+held-out loss went from 0.449 to 0.283 and the scenes whose shapes it names all right from 31 % to
+46 % (docs/chat.md). The projector is trained in full (never through LoRA) and saved on its own, next to
+the LM or adapter it feeds.
 
-The hidden width: ClipCap uses K*H/2, which grows with the square of the LM
-width — for Phi-2 (H 2560, K 8) that is 216M trainable parameters, 18x the
-LoRA adapters it sits beside, and it defeats the point of QLoRA. The input
-carries only R*D numbers, so a hidden layer much wider than that adds
-parameters, not information: ``default_hidden`` caps it at 2*R*D. For Phi-2
-that gives 1024 and 21.5M parameters; for the small LMs of the offline
-default the cap does not bind and the width stays ClipCap's K*H/2.
+The hidden width: ClipCap uses K*H/2, which grows with the square of the LM width — for Phi-2 (H
+2560, K 8) that is 216M trainable parameters, 18x the LoRA adapters it sits beside, and it defeats
+the point of QLoRA. The input carries only D numbers per region, so a hidden layer much wider than
+that adds parameters, not information: ``default_hidden`` caps it at 2*D. For Phi-2 that gives 1024
+and 21.5M parameters; for the small LMs of the offline default the cap does not bind and the width
+stays ClipCap's (K/R)*H/2.
 """
 from __future__ import annotations
 
@@ -27,34 +32,38 @@ from vlmpipe.core.errors import UserError
 
 
 def default_hidden(in_dim: int, regions: int, prefix_tokens: int, hidden_size: int) -> int:
-    """ClipCap's K*H/2, capped at 2*R*D (twice the numbers the input carries)."""
-    return min((prefix_tokens * hidden_size) // 2, 2 * in_dim * regions)
+    """ClipCap's K*H/2 for the K/R tokens of one region, capped at 2*D (twice the numbers a region carries)."""
+    return min((prefix_tokens // regions * hidden_size) // 2, 2 * in_dim)
 
 
 class PrefixProjector(nn.Module):
     def __init__(self, in_dim: int, regions: int, prefix_tokens: int, hidden_size: int,
                  mlp_hidden: int | None = None) -> None:
         super().__init__()
+        if prefix_tokens % regions:
+            raise UserError(f"prefix_tokens: {prefix_tokens} is not a multiple of the {regions} image regions "
+                            "(each region gets the same number of tokens)")
         self.config = dict(in_dim=in_dim, regions=regions, prefix_tokens=prefix_tokens, hidden_size=hidden_size,
                            mlp_hidden=mlp_hidden or default_hidden(in_dim, regions, prefix_tokens, hidden_size))
-        self.prefix_tokens, self.hidden_size = prefix_tokens, hidden_size
-        flat = in_dim * regions
-        mid = self.config["mlp_hidden"]
+        self.prefix_tokens, self.hidden_size, self.regions = prefix_tokens, hidden_size, regions
+        mid, per_region = self.config["mlp_hidden"], prefix_tokens // regions
         self.net = nn.Sequential(
             # The features are unit-norm (tiny per-dimension scale): normalise them
             # so the first layer sees well-scaled inputs from step one.
-            nn.LayerNorm(flat),
-            nn.Linear(flat, mid),
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, mid),
             nn.GELU(),
-            nn.Linear(mid, prefix_tokens * hidden_size),
+            nn.Linear(mid, per_region * hidden_size),
         )
+        # Which region and token each prefix vector is (one region: the last layer's bias says it already).
+        self.position = nn.Parameter(torch.randn(prefix_tokens, hidden_size) * 0.02) if regions > 1 else None
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if feats.dim() == 2:  # [B, D]: a single pooled vector per image
             feats = feats.unsqueeze(1)
         b = feats.shape[0]
-        out = self.net(feats.reshape(b, -1).to(self.net[1].weight.dtype))
-        return out.view(b, self.prefix_tokens, self.hidden_size)
+        out = self.net(feats.to(self.net[1].weight.dtype)).view(b, self.prefix_tokens, self.hidden_size)
+        return out + self.position if self.position is not None else out
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
