@@ -1,0 +1,139 @@
+"""The default DAG over several seeds: every headline as mean ± sd, and each stage's time.
+
+Clones this repository (its committed HEAD) into a scratch folder and runs, there, one
+``dvc exp run -S seed=N`` per seed — the same command a user runs, every stage from scratch (each
+stage reads ``seed``: the data too). After each run it reads ``reports/metrics.json`` and the stages'
+"<stage> done in Ns" lines. ``--lr`` also times ``dvc exp run -S lr=...`` right after the first seed's
+run: the experiment a user tries first, which reruns the QA model and what reads it.
+
+Usage::
+
+    python benchmarks/seeds.py                         # seeds 0 1 2 of params.yaml as committed
+    python benchmarks/seeds.py --set captioner.train.epochs=4 --lr 2e-4 --out seeds.json
+
+Prints a Markdown table (metric, one column per seed, mean ± sd; the sd is the sample standard
+deviation over the seeds, n - 1) and writes the figures as JSON with ``--out``. Run it on an idle
+machine: the stage times are wall-clock seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (dotted key in reports/metrics.json, what it is); keys a run does not have are left out.
+HEADLINES = [
+    ("siglip.zero_shot_acc", "SigLIP zero-shot accuracy"),
+    ("siglip.i2t_r1", "SigLIP image→text R@1"),
+    ("siglip.t2i_r1", "SigLIP text→image R@1"),
+    ("vqa.accuracy", "QA exact match (VQA)"),
+    ("vqa.by_type.colour", "QA colour questions"),
+    ("captioner.cider", "captioner CIDEr"),
+    ("captioner.scene_right", "captioner: scenes captioned right"),
+    ("chat.exact_match", "chat exact match"),
+    ("chat.by_type.followup", "chat follow-ups, with the history"),
+    ("chat.followup_no_history", "chat follow-ups, history removed"),
+    ("chat.by_type.describe", "chat descriptions"),
+]
+DONE = re.compile(r"INFO (\w+): \1 done in (\d+)s")
+
+
+def lookup(metrics: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(metrics, dict) or part not in metrics:
+            return None
+        metrics = metrics[part]
+    return metrics
+
+
+def run(cmd: list[str], cwd: Path, log) -> tuple[str, float]:
+    """Run ``cmd`` in ``cwd`` with this interpreter's environment first on PATH; (its output, seconds)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(cwd)}
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - t
+    log.write(f"$ {' '.join(cmd)}\n{r.stdout}\n")
+    if r.returncode:
+        sys.exit(f"seeds: `{' '.join(cmd)}` failed (exit {r.returncode}) in {cwd}; its output is in {log.name}")
+    return r.stdout, seconds
+
+
+def stage_times(output: str) -> dict[str, int]:
+    return {m.group(1): int(m.group(2)) for m in DONE.finditer(output)}
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(results: list[dict]) -> str:
+    seeds = [r["seed"] for r in results]
+    lines = ["| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for key, name in HEADLINES:
+        vals = [lookup(r["metrics"], key) for r in results]
+        if any(v is None for v in vals):
+            continue
+        lines.append(f"| {name} (`{key}`) | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {mean_sd(vals)} |")
+    stages = sorted({s for r in results for s in r["stage_seconds"]}, key=lambda s: -results[0]["stage_seconds"].get(s, 0))
+    for s in stages:
+        vals = [r["stage_seconds"].get(s, 0) for r in results]
+        lines.append(f"| {s}, s | " + " | ".join(map(str, vals)) + f" | {statistics.mean(vals):.0f} |")
+    totals = [sum(r["stage_seconds"].values()) for r in results]
+    lines.append("| **stage time, s** | " + " | ".join(map(str, totals)) + f" | {statistics.mean(totals):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params.yaml change applied to every run, as `dvc exp run -S` takes it")
+    ap.add_argument("--lr", help="also time `dvc exp run -S lr=LR` after the first seed's run")
+    ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
+    ap.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = ap.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-seeds-"))
+    clone = work / "repo"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    sets = [a for kv in args.set for a in ("-S", kv)]
+    results, lr_exp = [], None
+    with open(work / "seeds.log", "w") as log:
+        print(f"seeds: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
+        for i, seed in enumerate(args.seeds):
+            out, seconds = run(["dvc", "exp", "run", "-S", f"seed={seed}", *sets], clone, log)
+            metrics = json.loads((clone / "reports/metrics.json").read_text())
+            results.append({"seed": seed, "metrics": metrics, "stage_seconds": stage_times(out),
+                            "wall_seconds": round(seconds, 1)})
+            print(f"seeds: seed {seed} in {seconds:.0f} s", file=sys.stderr)
+            if i == 0 and args.lr:
+                out, seconds = run(["dvc", "exp", "run", "-S", f"seed={seed}", *sets, "-S", f"lr={args.lr}"], clone, log)
+                lr_exp = {"lr": args.lr, "wall_seconds": round(seconds, 1), "stage_seconds": stage_times(out)}
+                print(f"seeds: `dvc exp run -S lr={args.lr}` in {seconds:.0f} s", file=sys.stderr)
+    print(f"Commit {commit[:10]}{', with ' + ', '.join(args.set) if args.set else ''}; seeds {args.seeds}.\n")
+    print(table(results))
+    if lr_exp:
+        print(f"\n`dvc exp run -S lr={args.lr}` (after seed {args.seeds[0]}): {lr_exp['wall_seconds']:.0f} s wall, "
+              f"stages {lr_exp['stage_seconds']}")
+    if args.out:
+        args.out.write_text(json.dumps({"commit": commit, "set": args.set, "runs": results, "lr_exp": lr_exp},
+                                       indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
