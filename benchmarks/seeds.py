@@ -3,7 +3,7 @@
 Clones this repository (its committed HEAD) into a scratch folder and runs, there, one
 ``dvc exp run -S seed=N`` per seed — the same command a user runs, every stage from scratch (each
 stage reads ``seed``: the data too). After each run it reads ``reports/metrics.json`` and the stages'
-"<stage> done in Ns" lines. ``--lr`` also times ``dvc exp run -S lr=...`` right after the first seed's
+"<stage> done in Ns" lines, and keeps each run's ``dvc.lock`` beside the clone. ``--lr`` also times ``dvc exp run -S lr=...`` right after the first seed's
 run: the experiment a user tries first, which reruns the QA model and what reads it.
 
 Usage::
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,6 +118,7 @@ def main() -> int:
         for i, seed in enumerate(args.seeds):
             out, seconds = run(["dvc", "exp", "run", "-S", f"seed={seed}", *sets], clone, log)
             metrics = json.loads((clone / "reports/metrics.json").read_text())
+            shutil.copy(clone / "dvc.lock", work / f"dvc.lock.seed{seed}")  # what each run made, to compare
             results.append({"seed": seed, "metrics": metrics, "stage_seconds": stage_times(out),
                             "wall_seconds": round(seconds, 1)})
             print(f"seeds: seed {seed} in {seconds:.0f} s", file=sys.stderr)
