@@ -667,6 +667,22 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_starts_fresh(tmp_path, t
     assert f"checkpoint {latest} cannot be resumed ({target}" in caplog.text and "starting fresh" in caplog.text
 
 
+def test_a_checkpoint_of_another_model_shape_is_deleted_not_set_aside(tmp_path, caplog):
+    """Other settings or code that shape the model otherwise (a projector per region, a BatchNorm more)
+    make an old checkpoint another run's, not a damaged one: it is deleted with the keys that changed,
+    and nothing stale is left in the checkpoint folder (which DVC caches)."""
+    from _toy_train import make_cfg, make_task
+    from vlmpipe.loop.train import fit
+
+    cfg, ckpt = make_cfg(epochs=1, checkpoint_every=2), tmp_path / "ckpt"
+    fit(make_task(bn=False), cfg, seed=0, ckpt_dir=ckpt, report_dir=tmp_path / "r", identity={"bn": False})
+    old = sorted(ckpt.glob("step_*"))[-1]
+    fit(make_task(bn=True), cfg, seed=0, ckpt_dir=ckpt, report_dir=tmp_path / "r", identity={"bn": True})
+    assert f"checkpoint {old} was made with different settings (bn: False -> True" in caplog.text
+    assert "cannot be resumed" not in caplog.text and not list(ckpt.glob("damaged-*"))
+    assert [p.name for p in ckpt.glob("step_*")] == [old.name]  # the new run's own last checkpoint
+
+
 # ------------------------------------------------------------------ arbitrary text through reports and the CLI
 
 @SETTINGS

@@ -240,11 +240,13 @@ def _read_checkpoint(ckpt: Path, model: nn.Module) -> tuple[dict, dict, dict]:
         raise ValueError(f"state.pt: {str(e).splitlines()[0][:200] or type(e).__name__}") from None
     if not isinstance(identity, dict) or not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
         raise ValueError("identity.json or state.pt does not hold a vlmpipe checkpoint")
-    expected = trainable_state(model)
-    wrong = [k for k, v in expected.items() if k not in weights or weights[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"trainable.safetensors lacks or misshapes {wrong[:3]}")
     return identity, weights, state
+
+
+def _misfit(weights: dict, model: nn.Module) -> str:
+    """Why ``weights`` do not fit ``model`` ('' when they do)."""
+    wrong = [k for k, v in trainable_state(model).items() if k not in weights or weights[k].shape != v.shape]
+    return f"trainable.safetensors lacks or misshapes {wrong[:3]}" if wrong else ""
 
 
 def _load_checkpoint(ckpt_dir: Path, identity: dict, model: nn.Module, main: bool) -> dict | None:
@@ -263,7 +265,7 @@ def _load_checkpoint(ckpt_dir: Path, identity: dict, model: nn.Module, main: boo
     except ValueError as e:
         _set_aside(latest, str(e), main)
         return _load_checkpoint(ckpt_dir, identity, model, main)  # an older one may still be whole
-    if saved != identity:
+    if saved != identity:  # before the shapes: other code or settings may shape the model otherwise
         if main:
             log.warning("checkpoint %s was made with different settings (%s); starting fresh and deleting it",
                         latest, "; ".join(_diff(saved, identity)[:10]))
@@ -272,6 +274,10 @@ def _load_checkpoint(ckpt_dir: Path, identity: dict, model: nn.Module, main: boo
             for p in ckpts:
                 shutil.rmtree(p, ignore_errors=True)
         return None
+    misfit = _misfit(weights, model)
+    if misfit:  # the same settings and code, yet other shapes: damaged
+        _set_aside(latest, misfit, main)
+        return _load_checkpoint(ckpt_dir, identity, model, main)
     model.load_state_dict(weights, strict=False)
     if main:
         log.info("resuming %s from %s (step %d)", ckpt_dir.name, latest, state["step"])
