@@ -4,6 +4,7 @@
 the synthetic shapes world:
 
     annotations/captions_train2017.json, annotations/captions_val2017.json
+    annotations/scenes_train2017.json, annotations/scenes_val2017.json   (synthetic only)
     train2017.zip, val2017.zip
 
 Images stay inside the zips and are read in place by random access: 118k small files make DVC
@@ -34,6 +35,11 @@ def captions_member(split: str) -> str:
 
 def image_member(split: str, file_name: str) -> str:
     return f"{split}2017/{file_name}"
+
+
+def scenes_member(split: str) -> str:
+    """The shapes world's scene facts of ``split`` (synthetic folders only; ``vlmpipe.scoring.scene`` reads them)."""
+    return f"annotations/scenes_{split}2017.json"
 
 
 # Declared sizes beyond these are not COCO (captions_train2017.json is 92 MB, its largest image

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping
 
 from vlmpipe.core.errors import UserError
+from vlmpipe.data.coco import scenes_member
 from vlmpipe.scoring.metrics import tokenize_caption
 
 _ARTICLES = {"a", "an", "the"}
@@ -36,11 +37,6 @@ _VERTICAL = {("above",): -1, ("below",): 1}
 _HORIZONTAL = {("to", "left", "of"): -1, ("to", "right", "of"): 1}
 _RELATIONS = {**{v: (dv, 0) for v, dv in _VERTICAL.items()}, **{h: (0, dh) for h, dh in _HORIZONTAL.items()},
               **{v + ("and",) + h: (dv, dh) for v, dv in _VERTICAL.items() for h, dh in _HORIZONTAL.items()}}
-
-
-def scenes_member(split: str) -> str:
-    """The facts file of ``split`` in a ``data/coco`` folder (``vlmpipe.sources.coco`` writes it)."""
-    return f"annotations/scenes_{split}2017.json"
 
 
 @dataclass

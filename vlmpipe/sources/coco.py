@@ -40,9 +40,9 @@ from tqdm import tqdm
 
 from vlmpipe.core.download import default_download_dir, download, file_digest, open_zip, verify_file
 from vlmpipe.core.errors import UserError
-from vlmpipe.data.coco import (MAX_CAPTIONS_BYTES, MAX_IMAGE_BYTES, SPLITS, captions_member, check_member_size,
-                               image_member, load_captions_json)
-from vlmpipe.sources import remote, scene_dialogues, shapes
+from vlmpipe.data.coco import (MAX_CAPTIONS_BYTES, MAX_IMAGE_BYTES, SPLITS, CocoCaptions, captions_member,
+                               check_member_size, image_member, load_captions_json, scenes_member)
+from vlmpipe.sources import remote, shapes
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,17 @@ def _zip_write(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data)
 
 
-def write_synthetic_source(src: str | os.PathLike, n_train: int, n_val: int, image_size: int, seed: int) -> None:
-    """Generate the three official-format files of the shapes world into ``src``."""
+def write_synthetic_source(src: str | os.PathLike, n_train: int, n_val: int, image_size: int,
+                           seed: int) -> dict[int, dict]:
+    """Generate the three official-format files of the shapes world into ``src``; return each image's
+    scene facts (``scene_facts``) by image id."""
     src = Path(src)
     src.mkdir(parents=True, exist_ok=True)
     # Sparse, unique ids like the real ones, so nothing downstream can assume 0..N-1.
     ids = np.random.default_rng([seed, 2017]).choice(np.arange(1, 600_000), size=n_train + n_val, replace=False)
     split_ids = {"train": sorted(int(i) for i in ids[:n_train]), "val": sorted(int(i) for i in ids[n_train:])}
     ann_id = 0
-    captions_json = {}
+    captions_json, facts = {}, {}
     for split in SPLITS:
         images, annotations = [], []
         with zipfile.ZipFile(src / f"{split}2017.zip", "w") as zf:
@@ -85,6 +87,7 @@ def write_synthetic_source(src: str | os.PathLike, n_train: int, n_val: int, ima
                 # One generator per image: any image can be regenerated alone.
                 rng = np.random.default_rng([seed, image_id])
                 scene = shapes.random_scene(rng, image_size)
+                facts[image_id] = scene_facts(scene)
                 file_name = f"{image_id:012d}.jpg"
                 buf = io.BytesIO()
                 Image.fromarray(scene.image).save(buf, format="JPEG", quality=95, subsampling=0)
@@ -102,11 +105,7 @@ def write_synthetic_source(src: str | os.PathLike, n_train: int, n_val: int, ima
             info = zipfile.ZipInfo(captions_member(split), date_time=_ZIP_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, json.dumps(captions_json[split]))
-
-
-def scenes_member(split: str) -> str:
-    """Where the scene facts of ``split`` lie in the output folder (``vlmpipe.scoring.scene`` reads it)."""
-    return f"annotations/scenes_{split}2017.json"
+    return facts
 
 
 def scene_vocabulary() -> dict:
@@ -127,12 +126,12 @@ def scene_facts(scene: shapes.Scene) -> dict:
                         "quadrant": shapes.QUADRANT_NAMES[s.quadrant]} for s in scene.shapes]}
 
 
-def write_scene_facts(out: str | os.PathLike, seed: int) -> None:
-    """Beside the captions of a synthetic output folder, the facts of every scene it kept (each
-    regenerated from its image's generator and checked against its stored captions)."""
+def write_scene_facts(out: str | os.PathLike, facts: dict[int, dict]) -> None:
+    """Beside the captions of a synthetic output folder, the facts (``write_synthetic_source``'s) of
+    every scene it kept, in image-id order."""
     out = Path(out)
     for split in SPLITS:
-        scenes = [{"image_id": iid, **scene_facts(scene)} for iid, _, scene in scene_dialogues.scenes(out, split, seed)]
+        scenes = [{"image_id": iid, **facts[iid]} for iid in CocoCaptions(out, split).ids]
         (out / scenes_member(split)).write_text(
             json.dumps({"vocabulary": scene_vocabulary(), "scenes": scenes}), encoding="utf-8")
 
@@ -390,9 +389,10 @@ def build(params, seed: int, out: str | os.PathLike, download_dir: str | os.Path
     if params.source == "synthetic":
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".coco-src.", dir=out.parent) as tmp:
-            write_synthetic_source(tmp, params.synthetic_train_images, params.synthetic_val_images, params.image_size, seed)
+            facts = write_synthetic_source(tmp, params.synthetic_train_images, params.synthetic_val_images,
+                                           params.image_size, seed)
             counts = ingest(tmp, out, params.max_images, seed)
-        write_scene_facts(out, seed)
+        write_scene_facts(out, facts)
         return counts
     if params.split == "karpathy":  # read first: a wrong split file is said before a 19 GB download
         split_file = karpathy_file(params, download_dir)
