@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlmpipe.core.io import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -193,9 +195,8 @@ def calibrated_cpu_peak(dtype: torch.dtype = torch.float32) -> tuple[float, str]
                 table = {}
             if key not in table:
                 table[key] = {"flops": measure_cpu_gemm(dtype), "measured": time.strftime("%Y-%m-%d")}
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
                 log.info("calibrated this CPU: %.3f TFLOP/s (%s), kept in %s", table[key]["flops"] / 1e12, what, path)
             entry = table[key]
         _cpu_peak_cache[key] = float(entry["flops"]), f"calibrated {what}, {entry['measured']}"
