@@ -187,6 +187,26 @@ def test_base_is_4bit_and_only_lora_and_projector_train(world):
     assert not any(isinstance(m, bnb.nn.Linear4bit) and m.weight.requires_grad for m in model.modules())
 
 
+def test_the_projector_learns_at_its_multiple_of_the_adapters_rate(world):
+    """phi2.projector_lr_mult: the projector's groups at lr x mult, the adapters' at lr (group 0, the one
+    logged); every trainable parameter in exactly one group, weight decay on matrices only."""
+    from vlmpipe.qa.stage import param_groups
+
+    model = build(small_params(), world["base"])
+    groups = param_groups(model, 1e-3, 0.01, 4.0)
+    projector = {id(q) for q in model.projector.parameters()}
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    ids = [id(q) for g in groups for q in g["params"]]
+    assert sorted(ids) == sorted(id(q) for q in trainable)
+    for g in groups:
+        in_projector = {id(q) in projector for q in g["params"]}
+        assert len(in_projector) == 1 and g["lr"] == pytest.approx(4e-3 if in_projector.pop() else 1e-3)
+        assert g["weight_decay"] == (0.01 if all(q.dim() >= 2 for q in g["params"]) else 0.0)
+    assert not {id(q) for q in groups[0]["params"]} & projector
+    with pytest.raises(UserError, match=r"phi2\.projector_lr_mult: must be > 0"):
+        small_params(projector_lr_mult=0.0).validate("phi2")
+
+
 def _packed(model) -> list[bool]:
     import bitsandbytes as bnb
 

@@ -21,6 +21,9 @@ class Phi2Params:
     prefix_tokens: int = 4
     # Hidden width of the prefix projector's MLP; 0: min(K*H/2, 2*D) (one region; see models/lm/projector.py).
     projector_hidden: int = 0
+    # The projector's learning rate as a multiple of the adapters' (the top-level lr): it starts from
+    # nothing, while the adapters only nudge a trained LM.
+    projector_lr_mult: float = 10.0
     lora_r: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.05
@@ -47,6 +50,7 @@ class Phi2Params:
     def validate(self, key: str) -> None:
         check(self.prefix_tokens >= 1, f"{key}.prefix_tokens", "must be >= 1")
         check(self.projector_hidden >= 0, f"{key}.projector_hidden", "must be >= 0 (0: sized from the LM)")
+        check(self.projector_lr_mult > 0, f"{key}.projector_lr_mult", "must be > 0")
         check_revision(self.revision, f"{key}.revision")
         if looks_local(self.base_model):
             check_input_path(self.base_model, f"{key}.base_model", "models")

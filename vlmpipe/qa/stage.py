@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vlmpipe.data import features as embeddings
 from vlmpipe.data.conversations import QADataset, frame_conversations
@@ -39,6 +40,19 @@ def qa_data(csv_path: Path, cifar_root: Path, embeddings_root: Path, encoder: di
     return tuple(out)
 
 
+def param_groups(model: nn.Module, lr: float, weight_decay: float, projector_lr_mult: float) -> list[dict]:
+    """The adapters at ``lr`` (group 0, the one logged), the projector at ``lr * projector_lr_mult``;
+    weight decay on matrices only, as the loop's default groups."""
+    projector = {id(q) for q in model.projector.parameters()}
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    groups = []
+    for part, scale in ((lambda q: id(q) not in projector, 1.0), (lambda q: id(q) in projector, projector_lr_mult)):
+        params = [q for q in trainable if part(q)]
+        groups += [{"params": [q for q in params if q.dim() >= 2], "lr": lr * scale, "weight_decay": weight_decay},
+                   {"params": [q for q in params if q.dim() < 2], "lr": lr * scale, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, cifar_root: Path, embeddings_root: Path,
               siglip_dir: Path, base_dir: Path, out_dir: Path, ckpt_dir: Path, report_dir: Path,
               run: Any = None) -> FitResult:
@@ -62,6 +76,7 @@ def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, 
              "projector, base %s in %s", len(train), len(val), sum(map(len, tr_convs)), counts["lora_params"] / 1e6,
              counts["projector_params"] / 1e6, p.base_model, "4-bit NF4" if p.load_in_4bit else "full precision")
     task = TrainTask("phi2_vlm", model, train, model.collate, optimizer="paged_adamw",
+                     param_groups=lambda m, lr: param_groups(m, lr, p.train.weight_decay, p.projector_lr_mult),
                      evaluate=lambda m, epoch: qa_scores(m, val, 64, questions))
     cifar_feats = sorted(Path(embeddings_root).glob("cifar_*"))  # not the COCO files: the captioner's params
     res = fit(task, dataclasses.replace(p.train, lr=lr), seed=seed, ckpt_dir=ckpt_dir, report_dir=report_dir,
