@@ -3,19 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
-# Each xdist worker takes its share of the cores for torch's threads, and so does every stage it
-# starts (they inherit the variable; set here, before any test module imports torch). With every
-# process taking all the cores, the two workers' trainings oversubscribe the CPU: three concurrent
-# trainings on 2 cores ran 13 % slower with 2 threads each than with 1.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 
 class FileServer:
@@ -195,6 +186,7 @@ def tiny_coco(tmp_path_factory):
 # pipeline, built once per session in a temporary copy of the repository.
 # Helpers live in tests/servers.py.
 
+import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
