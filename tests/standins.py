@@ -350,8 +350,8 @@ def clip_preprocessor_config() -> dict:
     }
 
 
-def gpt2_config() -> dict:
-    """``config.json`` of gpt2 (124M)."""
+def gpt2_config(n_layer: int = 12) -> dict:
+    """``config.json`` of gpt2 (124M), with ``n_layer`` blocks (12 in the real model)."""
     return {
         "activation_function": "gelu_new",
         "architectures": ["GPT2LMHeadModel"],
@@ -365,7 +365,7 @@ def gpt2_config() -> dict:
         "n_ctx": 1024,
         "n_embd": 768,
         "n_head": 12,
-        "n_layer": 12,
+        "n_layer": n_layer,
         "n_positions": 1024,
         "resid_pdrop": 0.1,
         "summary_activation": None,
@@ -469,14 +469,14 @@ def _write_clip(repo: _CacheRepo, seed: int, texts: Sequence[str]) -> None:
     _write_clip_tokenizer(repo, texts)
 
 
-def _write_gpt2(repo: _CacheRepo, seed: int) -> None:
+def _write_gpt2(repo: _CacheRepo, seed: int, layers: int) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = _random_model(GPT2LMHeadModel, GPT2Config, gpt2_config(), seed, torch.float32)
+    model = _random_model(GPT2LMHeadModel, GPT2Config, gpt2_config(layers), seed, torch.float32)
     # The hub checkpoint is a GPT2Model's: keys without "transformer.", no (tied) lm_head.
     state = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
-    repo.add_json("config.json", gpt2_config())
+    repo.add_json("config.json", gpt2_config(layers))
     repo.add_json("generation_config.json", _generation_config("4.26.0.dev0"))
     repo.add_safetensors("model.safetensors", state)
 
@@ -520,7 +520,7 @@ def cache_folder(cache_dir: Path, repo_id: str, commit: str, folder: Path) -> Pa
 
 
 def build_hub_cache(cache_dir: Path, revisions: Mapping[str, str], texts: Sequence[str], *,
-                    phi2_layers: int = 2, seed: int = 0) -> dict[str, Path]:
+                    phi2_layers: int = 2, gpt2_layers: int = 12, seed: int = 0) -> dict[str, Path]:
     """Write a Hugging Face hub cache (the folder ``HF_HUB_CACHE`` names) holding
     stand-ins of ``openai/clip-vit-base-patch16``, ``gpt2`` and ``microsoft/phi-2``.
 
@@ -532,10 +532,14 @@ def build_hub_cache(cache_dir: Path, revisions: Mapping[str, str], texts: Sequen
     - CLIP ViT-B/16 (``CLIPModel``, float32 ``model.safetensors``), the real
       ``preprocessor_config.json`` settings and a CLIP-style tokenizer;
     - GPT-2 124M (float32 ``model.safetensors`` with the hub's ``GPT2Model`` key
-      names, weights tied to the LM head);
+      names, weights tied to the LM head), with ``gpt2_layers`` blocks (12 in the
+      real model, the default);
     - Phi-2 in float16, in two shards with ``model.safetensors.index.json``.
-      The one deviation from the real config: ``num_hidden_layers`` is
-      ``phi2_layers`` (32 in the real model), to keep the cache small.
+      ``num_hidden_layers`` is ``phi2_layers`` (32 in the real model), to keep
+      the cache small.
+
+    The layer counts are the only deviations from the real configs: widths,
+    vocabularies, positions and file layouts are the hub's.
 
     Tokenizers are byte-level BPEs trained on ``texts`` (up to ~2000 tokens:
     the 256 bytes and merges; training stops sooner once every word of
@@ -549,8 +553,8 @@ def build_hub_cache(cache_dir: Path, revisions: Mapping[str, str], texts: Sequen
     missing = [r for r in HUB_REPOS if r not in revisions]
     if missing:
         raise ValueError(f"revisions: no commit for {', '.join(missing)}")
-    if phi2_layers < 1:
-        raise ValueError("phi2_layers must be >= 1")
+    if phi2_layers < 1 or gpt2_layers < 1:
+        raise ValueError("phi2_layers and gpt2_layers must be >= 1")
     texts = list(texts)
     if not texts:
         raise ValueError("texts: need some text to train the tokenizers on")
@@ -558,7 +562,7 @@ def build_hub_cache(cache_dir: Path, revisions: Mapping[str, str], texts: Sequen
         repos = {r: _CacheRepo(cache_dir, r, revisions[r], writer) for r in HUB_REPOS}
         _write_gpt2_style_tokenizers(repos[GPT2_REPO], repos[PHI2_REPO], texts)
         _write_clip(repos[CLIP_REPO], seed, texts)
-        _write_gpt2(repos[GPT2_REPO], seed)
+        _write_gpt2(repos[GPT2_REPO], seed, gpt2_layers)
         _write_phi2(repos[PHI2_REPO], seed, phi2_layers)
         return {r: repo.finish() for r, repo in repos.items()}
 

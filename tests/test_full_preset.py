@@ -9,8 +9,9 @@ Every training stage runs as on a GPU machine, through the launcher with two pro
 What it would download is pre-placed the way users' machines hold it:
 
 - a Hugging Face hub cache (`models--org--name/refs/main` + `snapshots/<commit>/`) with random-init
-  models in the real configurations and file layouts (Phi-2 with 2 of its 32 layers: the one
-  deviation, for time), and tokenizers trained offline in the real file formats;
+  models in the real configurations and file layouts (Phi-2 with 2 of its 32 layers and GPT-2 with 2
+  of its 12: the one deviation, for time and disk), and tokenizers trained offline in the real file
+  formats;
 - a ResNet-50 state dict in `$TORCH_HOME`;
 - COCO 2017 and CIFAR-10 archives in the official layouts, and a small ``llava_instruct_150k.json``
   about those COCO images (one more about an image COCO lacks), served over HTTP.
@@ -20,10 +21,12 @@ What it would download is pre-placed the way users' machines hold it:
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -82,10 +85,14 @@ class FullRepo:
     build_seconds: float = 0.0
 
 
-@pytest.fixture(scope="session")
-def full_repo(tmp_path_factory, file_server_session) -> FullRepo:
+@pytest.fixture(scope="module")
+def full_repo(request, tmp_path_factory, file_server_session) -> Iterator[FullRepo]:
+    """The rehearsal, run once for this module's tests; its folder (about 5 GB: hub stand-ins,
+    checkpoints with optimizer state, the DVC cache, MLflow's copies of the models) is removed after
+    them unless one of them failed, so that the rest of the suite does not run on a disk it fills."""
     import standins
 
+    failed_before = request.session.testsfailed
     base = tmp_path_factory.mktemp("full")
     preset = yaml.safe_load((REPO_ROOT / "presets/full.yaml").read_text())
     t0 = time.monotonic()
@@ -94,7 +101,9 @@ def full_repo(tmp_path_factory, file_server_session) -> FullRepo:
                  preset["captioner"]["vision_encoder"]: preset["captioner"]["vision_encoder_revision"]}
     texts = ["a photo of a red circle on a dark background", "Question: what colour is it?\nAnswer: red",
              "a small blue star in the top left and a large green ring", "is this an animal? no"] * 8
-    standins.build_hub_cache(base / "hf", revisions, texts)
+    # GPT-2 with 2 of its 12 blocks (as Phi-2 with 2 of 32): at 12 the captioner's and chat model's
+    # checkpoints, models and MLflow copies took 5.4 of the rehearsal's 8.8 GB.
+    standins.build_hub_cache(base / "hf", revisions, texts, gpt2_layers=2)
     standins.write_resnet50_weights(base / "torch")
     archives = {**standins.coco2017_archives(base / "archives", N_COCO_TRAIN, N_COCO_VAL),
                 "cifar-10-python.tar.gz": standins.cifar10_tarball(base / "archives", CIFAR_TRAIN_PER_CLASS,
@@ -132,7 +141,9 @@ def full_repo(tmp_path_factory, file_server_session) -> FullRepo:
         "select r.name, r.start_time, r.end_time from runs r order by r.start_time")}
     print(f"\nfull-preset rehearsal: stand-ins built in {build_s:.0f}s, dvc repro {time.monotonic() - t:.0f}s; "
           f"stage seconds {full.stage_seconds}")
-    return full
+    yield full
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _json(path: Path) -> dict:
