@@ -120,10 +120,12 @@ def trained(world, tmp_path_factory):
     val = D.QADataset(model.tokenizer, *world["test"], max_tokens=p.max_seq_len)
     questions = heldout.eval_questions(val, 5 * N_TEST)
     tmp = tmp_path_factory.mktemp("fit")
+    answers: list[str] = []  # the last evaluation's greedy answers, as the QA stage keeps them
     task = TrainTask("phi2_vlm", model, train, model.collate, optimizer="paged_adamw",
-                     evaluate=lambda m, epoch: qa_scores(m, val, 64, questions))
+                     evaluate=lambda m, epoch: qa_scores(m, val, 64, questions, answers))
     res = fit(task, p.train, seed=0, ckpt_dir=tmp / "ckpt", report_dir=tmp / "reports", identity={"test": 1})
-    return {"model": model, "val": val, "questions": questions, "metrics": res.metrics, "tmp": tmp}
+    return {"model": model, "val": val, "questions": questions, "metrics": res.metrics, "tmp": tmp,
+            "answers": answers}
 
 
 # ---------------------------------------------------------------- template and labels
@@ -285,6 +287,8 @@ def test_heldout_accuracy_beats_blind_baseline(trained, world):
     truth = [val.conversations[i][j] for i, j in qs]
     blind_acc = sum(normalize_answer(blind(q)) == normalize_answer(a) for q, a in truth) / len(truth)
     preds = heldout.predict_turns(trained["model"], val, qs)
+    # The last evaluation's answers are the trained model's: the QA stage scores them by type.
+    assert trained["answers"] == preds
     acc = sum(normalize_answer(p) == normalize_answer(a) for p, (_, a) in zip(preds, truth)) / len(truth)
     assert acc == pytest.approx(trained["metrics"]["exact_match"])
     assert acc >= blind_acc + 0.15, (acc, blind_acc)

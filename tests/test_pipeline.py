@@ -42,6 +42,13 @@ def test_whole_dag_runs_and_every_model_beats_its_baseline(tiny_repo):
     with open(tiny_repo.path / "reports/chat/val_curve.csv") as f:
         curve = [float(r["val_loss"]) for r in csv.DictReader(f)]
     assert curve[-1] < 0.67 * curve[0] and abs(ch["nll_per_token"] - curve[-1]) < 1e-3, (curve, ch)
+    # The QA stage's final scores by type are those of the last epoch's evaluation (its answers, reused),
+    # not of an earlier epoch's: the overall exact match is the last row of the curve.
+    with open(tiny_repo.path / "reports/phi2_vlm/val_curve.csv") as f:
+        qa_curve = [float(r["exact_match"]) for r in csv.DictReader(f)]
+    qa = json.loads((tiny_repo.path / "reports/phi2_vlm/metrics.json").read_text())
+    assert len(qa_curve) == 2 and abs(qa["exact_match"] - qa_curve[-1]) < 1e-4, (qa_curve, qa["exact_match"])
+    assert qa["eval_questions"] == 40 and qa["exact_match_by_type"], qa
 
     reports = tiny_repo.path / "reports"
     for name in ("siglip", "phi2_vlm", "captioner", "chat"):

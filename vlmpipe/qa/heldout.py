@@ -21,16 +21,18 @@ FREE_FORM_WORDS = 3.0
 
 
 @torch.no_grad()
-def qa_scores(model, data: QADataset, batch_size: int = 64,
-              questions: Sequence[tuple[int, int]] = ()) -> dict[str, float]:
+def qa_scores(model, data: QADataset, batch_size: int = 64, questions: Sequence[tuple[int, int]] = (),
+              answers: list[str] | None = None) -> dict[str, float]:
     """``val_loss`` (mean NLL per answer/EOS token over ``data``), ``val_answer_acc`` (teacher-forced:
     every token of the answer and its EOS is the argmax) and, for ``questions`` ((conversation,
     turn) pairs), ``exact_match`` of the greedy answers, normalised (lower-case, no punctuation
-    or articles)."""
+    or articles). The greedy answers replace the contents of ``answers`` when one is given."""
     out = teacher_forced_totals(model, data, batch_size)
     if questions:
-        out["exact_match"] = exact_match(predict_turns(model, data, questions, batch_size),
-                                         [data.conversations[i][j][1] for i, j in questions])
+        preds = predict_turns(model, data, questions, batch_size)
+        if answers is not None:
+            answers[:] = preds
+        out["exact_match"] = exact_match(preds, [data.conversations[i][j][1] for i, j in questions])
     return out
 
 

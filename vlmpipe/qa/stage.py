@@ -20,7 +20,7 @@ from vlmpipe.core.io import relative_path, read_json, write_json
 from vlmpipe.models.qa_model import build_qa_model
 from vlmpipe.core.params import to_dict
 from vlmpipe.core.runtime import is_main_process
-from vlmpipe.loop.train import FitResult, TrainTask, fingerprint, fit, mfu_text
+from vlmpipe.loop.train import FitResult, TrainTask, decay_groups, fingerprint, fit, mfu_text
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,12 @@ def qa_data(csv_path: Path, cifar_root: Path, embeddings_root: Path, encoder: di
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, projector_lr_mult: float) -> list[dict]:
     """The adapters at ``lr`` (group 0, the one logged), the projector at ``lr * projector_lr_mult``;
-    weight decay on matrices only, as the loop's default groups."""
+    each as the loop's decay groups (weight decay on matrices only)."""
     projector = {id(q) for q in model.projector.parameters()}
     trainable = [q for q in model.parameters() if q.requires_grad]
-    groups = []
-    for part, scale in ((lambda q: id(q) not in projector, 1.0), (lambda q: id(q) in projector, projector_lr_mult)):
-        params = [q for q in trainable if part(q)]
-        groups += [{"params": [q for q in params if q.dim() >= 2], "lr": lr * scale, "weight_decay": weight_decay},
-                   {"params": [q for q in params if q.dim() < 2], "lr": lr * scale, "weight_decay": 0.0}]
+    adapters = [q for q in trainable if id(q) not in projector]
+    groups = (decay_groups(adapters, lr, weight_decay)
+              + decay_groups([q for q in trainable if id(q) in projector], lr * projector_lr_mult, weight_decay))
     return [g for g in groups if g["params"]]
 
 
@@ -71,13 +69,16 @@ def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, 
     train = QADataset(model.tokenizer, tr_feats, tr_convs, p.max_seq_len)
     val = QADataset(model.tokenizer, te_feats, te_convs, p.max_seq_len)
     questions = eval_questions(val, p.eval_questions, seed)
+    # The greedy answers of the latest evaluation: after the last epoch they are the final model's, and
+    # the by-type scores below reuse them instead of generating the same 500 answers again.
+    answers: list[str] = []
     counts = model.trainable_counts()
     log.info("phi2_vlm: %d train / %d held-out conversations, %d Q/A turns; trainable: %.2fM LoRA + %.2fM "
              "projector, base %s in %s", len(train), len(val), sum(map(len, tr_convs)), counts["lora_params"] / 1e6,
              counts["projector_params"] / 1e6, p.base_model, "4-bit NF4" if p.load_in_4bit else "full precision")
     task = TrainTask("phi2_vlm", model, train, model.collate, optimizer="paged_adamw",
                      param_groups=lambda m, lr: param_groups(m, lr, p.train.weight_decay, p.projector_lr_mult),
-                     evaluate=lambda m, epoch: qa_scores(m, val, 64, questions))
+                     evaluate=lambda m, epoch: qa_scores(m, val, 64, questions, answers))
     cifar_feats = sorted(Path(embeddings_root).glob("cifar_*"))  # not the COCO files: the captioner's params
     res = fit(task, dataclasses.replace(p.train, lr=lr), seed=seed, ckpt_dir=ckpt_dir, report_dir=report_dir,
               identity={"phi2": to_dict(p), "lr": lr, "data": fingerprint(csv_path, *cifar_feats, base_dir)}, run=run)
@@ -90,7 +91,9 @@ def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, 
     if questions:
         blind = blind_baseline(df)
         truth = [(te_convs[i][j][0], te_convs[i][j][1], te_types[i][j]) for i, j in questions]
-        acc = vqa_accuracy([(pr, a, t) for pr, (_, a, t) in zip(predict_turns(model, val, questions), truth)])
+        # No answers when this process resumed after the last evaluation: then it generates them.
+        final = answers or predict_turns(model, val, questions)
+        acc = vqa_accuracy([(pr, a, t) for pr, (_, a, t) in zip(final, truth)])
         metrics.update(exact_match=acc["accuracy"], exact_match_by_type=acc["by_type"], eval_questions=len(questions),
                        blind_exact_match=sum(normalize_answer(blind(q, t)) == normalize_answer(a)
                                              for q, a, t in truth) / len(truth))
