@@ -16,6 +16,7 @@ from vlmpipe.siglip.params import SiglipParams
 from vlmpipe.core.params import TinyLMParams, TrainParams
 from vlmpipe.core.runtime import resolve_precision
 from vlmpipe.loop.train import TrainTask, fit
+from vlmpipe.siglip.stage import param_groups
 
 
 def _cfg(batch_size: int) -> TrainParams:
@@ -49,7 +50,7 @@ def test_siglip_step_under_bf16_autocast(tmp_path):
     model = build_siglip(SiglipParams(text_width=32, text_layers=1), prompts)
     data = ImageTextPairs(images, labels, prompts, [None] * 16, [[] for _ in range(16)], model.tokenizer, 16, 0)
     task = TrainTask("siglip", model, data, data.collate,
-                     param_groups=lambda m, lr: m.param_groups(lr, 0.0, 10.0))
+                     param_groups=lambda m, lr: param_groups(m, lr, 0.0, 10.0))
     _one_step(task, _cfg(8), tmp_path)
 
 

@@ -34,7 +34,7 @@ Contract:
   come out byte-identical from two runs on the same kind of CPU.
   The host reads losses from the device every ``log_every`` steps, not per step.
 - ``task.param_groups(model, lr)`` may return optimizer groups (group 0 is the
-  one whose lr is logged); default: weight decay on matrices only.
+  one whose lr is logged); default: ``decay_groups``, weight decay on matrices only.
 - ``task.evaluate(model, epoch)`` runs after every epoch on rank 0, on the
   unwrapped model in eval mode under ``no_grad``; the RNG state is saved and
   restored around it, so evaluating never changes the training trajectory.
@@ -62,7 +62,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -350,9 +350,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------- the loop
 
 
-def _default_groups(model: nn.Module, lr: float, wd: float) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    # nanoGPT: decay matrices (weights of linears / convs / embeddings), not biases, norms or scalars.
+def decay_groups(params: Sequence[nn.Parameter], lr: float, wd: float) -> list[dict]:
+    """Two optimizer groups of ``params`` at ``lr``: the matrices (weights of linears, convs and
+    embeddings) with weight decay ``wd``, the rest (biases, norms, scalars) without, as nanoGPT.
+    The loop's default groups, and the building block of a stage's own."""
     return [{"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": wd},
             {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0}]
 
@@ -475,7 +476,7 @@ def fit(task: TrainTask, cfg: TrainParams, *, seed: int, ckpt_dir: Path, report_
     if world > 1:
         _sync_batchnorm(model, device)  # BatchNorm over the global batch, as in a 1-process run
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = task.param_groups(model, cfg.lr) if task.param_groups else _default_groups(model, cfg.lr, cfg.weight_decay)
+    groups = task.param_groups(model, cfg.lr) if task.param_groups else decay_groups(params, cfg.lr, cfg.weight_decay)
     if {id(p) for g in groups for p in g["params"]} != {id(p) for p in params}:
         raise ValueError(f"{task.name}: param_groups must cover exactly the trainable parameters")
     optimizer = _optimizer(task.optimizer, groups, cfg, device)

@@ -13,9 +13,17 @@ from vlmpipe.core.io import atomic_path
 from vlmpipe.models.siglip.model import build_siglip
 from vlmpipe.core.params import to_dict
 from vlmpipe.core.runtime import is_main_process
-from vlmpipe.loop.train import FitResult, TrainTask, fingerprint, fit, mfu_text
+from vlmpipe.loop.train import FitResult, TrainTask, decay_groups, fingerprint, fit, mfu_text
 
 log = logging.getLogger(__name__)
+
+
+def param_groups(model, lr: float, weight_decay: float, logit_lr_mult: float) -> list[dict]:
+    """The loop's decay groups, and the temperature and bias at ``lr * logit_lr_mult`` (they have to
+    travel from log 10 / -10 to their working values fast)."""
+    logit = [model.loss_fn.log_temperature, model.loss_fn.bias]
+    rest = [q for q in model.parameters() if q.requires_grad and all(q is not x for x in logit)]
+    return decay_groups(rest, lr, weight_decay) + [{"params": logit, "lr": lr * logit_lr_mult, "weight_decay": 0.0}]
 
 
 def run_stage(s, *, seed: int, cifar_root: Path, csv_path: Path, out_dir: Path, ckpt_dir: Path,
@@ -38,7 +46,7 @@ def run_stage(s, *, seed: int, cifar_root: Path, csv_path: Path, out_dir: Path, 
              sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6)
     task = TrainTask(
         name="siglip", model=model, train_data=data, collate=data.collate,
-        param_groups=lambda m, lr: m.param_groups(lr, s.train.weight_decay, s.logit_lr_mult),
+        param_groups=lambda m, lr: param_groups(m, lr, s.train.weight_decay, s.logit_lr_mult),
         evaluate=lambda m, epoch: retrieval_metrics(m, test.images, test.labels, tr.prompts, test_captions))
     res = fit(task, s.train, seed=seed, ckpt_dir=ckpt_dir, report_dir=report_dir,
               identity={"siglip": to_dict(s), "data": fingerprint(cifar_root, csv_path)}, run=run)

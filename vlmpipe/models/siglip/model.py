@@ -120,15 +120,6 @@ class SigLIP(nn.Module):
         width = int(cfg.hidden_size) if cfg is not None else int(self.config["text_width"])
         return image, TransformerCost.of(self.text_tower, layers, width)
 
-    def param_groups(self, lr: float, weight_decay: float, logit_lr_mult: float) -> list[dict]:
-        """Optimizer groups: decayed matrices, undecayed vectors, and the temperature and bias at
-        ``lr * logit_lr_mult`` (they have to travel from log 10 / -10 to their working values fast)."""
-        logit = [self.loss_fn.log_temperature, self.loss_fn.bias]
-        rest = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in logit)]
-        return [{"params": [p for p in rest if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
-                {"params": [p for p in rest if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
-                {"params": logit, "lr": lr * logit_lr_mult, "weight_decay": 0.0}]
-
     # ---- inference
 
     @torch.no_grad()
