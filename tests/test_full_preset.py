@@ -87,7 +87,7 @@ class FullRepo:
 
 @pytest.fixture(scope="module")
 def full_repo(request, tmp_path_factory, file_server_session) -> Iterator[FullRepo]:
-    """The rehearsal, run once for this module's tests; its folder (about 5 GB: hub stand-ins,
+    """The rehearsal, run once for this module's tests; its folder (about 6 GB: hub stand-ins,
     checkpoints with optimizer state, the DVC cache, MLflow's copies of the models) is removed after
     them unless one of them failed, so that the rest of the suite does not run on a disk it fills."""
     import standins
