@@ -34,3 +34,44 @@ def test_table_gives_each_headline_per_seed_and_mean_sd():
     assert "vqa.accuracy" not in text  # a key no run has is left out
     assert "| train_siglip, s | 200 | 190 | 210 | 200 |" in text
     assert "| **stage time, s** | 205 | 195 | 215 | 205 |" in text
+
+
+def _qa_sweep():
+    spec = importlib.util.spec_from_file_location("qa_sweep", REPO / "benchmarks/qa_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_qa_sweep_variance_share_is_what_the_groups_explain():
+    import pytest
+    import torch
+
+    share = _qa_sweep().variance_share
+    # Two groups at -1 and +1 along the first axis, spread ±1 along the second: half the variance each.
+    x = torch.tensor([[-1.0, 1.0], [-1.0, -1.0], [1.0, 1.0], [1.0, -1.0]])
+    assert share(x, ["red", "red", "blue", "blue"]) == pytest.approx(0.5)
+    assert share(x, ["red", "blue", "red", "blue"]) == pytest.approx(0.5)   # the other axis
+    assert share(x, ["red", "blue", "blue", "red"]) == pytest.approx(0.0)   # groups with the same mean
+    assert share(x, ["a", "b", "c", "d"]) == pytest.approx(1.0)             # every point its own group
+
+
+def test_qa_sweep_variants_are_named_param_changes():
+    import pytest
+
+    parse = _qa_sweep().parse_variant
+    assert parse("base") == ("base", [])
+    assert parse("wd=phi2.train.weight_decay=0.1") == ("wd", ["phi2.train.weight_decay=0.1"])
+    assert parse("r64=phi2.lora_r=64,phi2.lora_alpha=128") == ("r64", ["phi2.lora_r=64", "phi2.lora_alpha=128"])
+    with pytest.raises(SystemExit, match="expected NAME"):
+        parse("wd=0.1")
+
+
+def test_qa_sweep_table_has_one_row_per_run():
+    runs = [{"variant": "base", "seed": 2, "exact_match": 0.822, "by_type": {"colour": 0.34, "class_yesno": 0.48},
+             "colour_share": {"features": 0.188, "prefix": 0.017}, "stage_seconds": 121},
+            {"variant": "wd", "seed": 2, "exact_match": 0.826, "by_type": {"colour": 0.36}, "colour_share": {},
+             "stage_seconds": None}]
+    lines = _qa_sweep().table(runs).splitlines()
+    assert lines[2] == "| base | 2 | 0.822 | 0.34 | 0.48 | 0.188 → 0.017 | 121 |"
+    assert lines[3] == "| wd | 2 | 0.826 | 0.36 | nan | – | – |"
