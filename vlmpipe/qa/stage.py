@@ -70,7 +70,7 @@ def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, 
     val = QADataset(model.tokenizer, te_feats, te_convs, p.max_seq_len)
     questions = eval_questions(val, p.eval_questions, seed)
     # The greedy answers of the latest evaluation: after the last epoch they are the final model's, and
-    # the by-type scores below reuse them instead of generating the same 500 answers again.
+    # the by-type scores below reuse them instead of answering the same held-out questions again.
     answers: list[str] = []
     counts = model.trainable_counts()
     log.info("phi2_vlm: %d train / %d held-out conversations, %d Q/A turns; trainable: %.2fM LoRA + %.2fM "
