@@ -1,4 +1,4 @@
-"""benchmarks/seeds.py's reading of a run (the DAG runs themselves are the benchmark, not a test)."""
+"""benchmarks/seeds.py's and qa_sweep.py's reading of a run (the DAG runs themselves are the benchmark, not a test)."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,11 +8,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _seeds():
-    spec = importlib.util.spec_from_file_location("seeds", REPO / "benchmarks/seeds.py")
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / f"benchmarks/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _seeds():
+    return _benchmark("seeds")
 
 
 def test_stage_times_are_read_from_the_stages_log_lines():
@@ -37,10 +42,7 @@ def test_table_gives_each_headline_per_seed_and_mean_sd():
 
 
 def _qa_sweep():
-    spec = importlib.util.spec_from_file_location("qa_sweep", REPO / "benchmarks/qa_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _benchmark("qa_sweep")
 
 
 def test_qa_sweep_variance_share_is_what_the_groups_explain():
