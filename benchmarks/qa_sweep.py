@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DONE = re.compile(r"INFO train_phi2_qlora: train_phi2_qlora done in (\d+)s")
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from seeds import clone_head, run, stage_times  # noqa: E402 - the sibling benchmark's clone and runner
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -64,7 +61,6 @@ def variance_share(x: torch.Tensor, labels: list[str]) -> float:
 def colour_shares(clone: Path) -> dict[str, float]:
     """Colour's variance share in the SigLIP features of the training images asked about colour, and in
     the prefix the clone's trained QA model makes of them."""
-    sys.path.insert(0, str(REPO))
     from vlmpipe.data.features import siglip_identity
     from vlmpipe.models.qa_model import load_qa_model
     from vlmpipe.qa.stage import qa_data
@@ -80,17 +76,6 @@ def colour_shares(clone: Path) -> dict[str, float]:
     with torch.no_grad():
         prefix = model.projector(x).reshape(len(x), -1).float()
     return {"features": variance_share(x.reshape(len(x), -1), labels), "prefix": variance_share(prefix, labels)}
-
-
-def run(cmd: list[str], cwd: Path, log) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(cwd)}
-    r = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log.write(f"$ {' '.join(cmd)}\n{r.stdout}\n")
-    log.flush()
-    if r.returncode:
-        sys.exit(f"qa_sweep: `{' '.join(cmd)}` failed (exit {r.returncode}) in {cwd}; its output is in {log.name}")
-    return r.stdout
 
 
 def table(results: list[dict]) -> str:
@@ -116,9 +101,7 @@ def main() -> int:
     variants = [parse_variant(v) for v in args.variant] or [("committed", [])]
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-qa-sweep-"))
-    clone = work / "repo"
-    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    clone, commit = clone_head(work)
     results = []
     with open(work / "qa_sweep.log", "w") as log:
         print(f"qa_sweep: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
@@ -126,16 +109,14 @@ def main() -> int:
             for name, sets in variants:
                 # Each run starts from the committed params: `dvc exp run -S` edits params.yaml in place.
                 subprocess.run(["git", "checkout", "--quiet", "--", "params.yaml"], cwd=clone, check=True)
-                t = time.perf_counter()
-                out = run(["dvc", "exp", "run", "train_phi2_qlora", "-S", f"seed={seed}",
-                           *[a for kv in sets for a in ("-S", kv)]], clone, log)
+                out, seconds = run(["dvc", "exp", "run", "train_phi2_qlora", "-S", f"seed={seed}",
+                                    *[a for kv in sets for a in ("-S", kv)]], clone, log, who="qa_sweep")
                 m = json.loads((clone / "reports/phi2_vlm/metrics.json").read_text())
-                done = DONE.search(out)
                 results.append({"variant": name, "set": sets, "seed": seed, "exact_match": m["exact_match"],
                                 "by_type": m["exact_match_by_type"], "colour_share": colour_shares(clone),
-                                "stage_seconds": int(done.group(1)) if done else None})
-                print(f"qa_sweep: {name}, seed {seed}: exact match {m['exact_match']:.3f} "
-                      f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+                                "stage_seconds": stage_times(out).get("train_phi2_qlora")})
+                print(f"qa_sweep: {name}, seed {seed}: exact match {m['exact_match']:.3f} ({seconds:.0f} s)",
+                      file=sys.stderr)
         subprocess.run(["git", "checkout", "--quiet", "--", "params.yaml"], cwd=clone, check=True)
     print(f"Commit {commit[:10]}; seeds {args.seeds}; the QA stage's own held-out questions.\n")
     print(table(results))

@@ -56,8 +56,17 @@ def lookup(metrics: dict, dotted: str):
     return metrics
 
 
-def run(cmd: list[str], cwd: Path, log) -> tuple[str, float]:
-    """Run ``cmd`` in ``cwd`` with this interpreter's environment first on PATH; (its output, seconds)."""
+def clone_head(work: Path) -> tuple[Path, str]:
+    """A clone of this repository's committed HEAD in ``work``/repo, and that commit."""
+    clone = work / "repo"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    return clone, commit
+
+
+def run(cmd: list[str], cwd: Path, log, who: str = "seeds") -> tuple[str, float]:
+    """Run ``cmd`` in ``cwd`` with this interpreter's environment first on PATH; (its output, seconds).
+    A failure exits naming the command and the log (``who``: the benchmark that ran it)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": str(cwd)}
     t = time.perf_counter()
@@ -65,7 +74,7 @@ def run(cmd: list[str], cwd: Path, log) -> tuple[str, float]:
     seconds = time.perf_counter() - t
     log.write(f"$ {' '.join(cmd)}\n{r.stdout}\n")
     if r.returncode:
-        sys.exit(f"seeds: `{' '.join(cmd)}` failed (exit {r.returncode}) in {cwd}; its output is in {log.name}")
+        sys.exit(f"{who}: `{' '.join(cmd)}` failed (exit {r.returncode}) in {cwd}; its output is in {log.name}")
     return r.stdout, seconds
 
 
@@ -108,9 +117,7 @@ def main() -> int:
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-seeds-"))
-    clone = work / "repo"
-    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    clone, commit = clone_head(work)
     sets = [a for kv in args.set for a in ("-S", kv)]
     results, lr_exp = [], None
     with open(work / "seeds.log", "w") as log:
