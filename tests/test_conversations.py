@@ -137,7 +137,7 @@ def test_followups_need_the_earlier_turn():
 
 
 def test_synthetic_build_is_deterministic_and_holds_out_val_images(tiny_coco, tmp_path):
-    p = ConversationsParams()
+    p = ConversationsParams(per_image=1)
     a = llava_source.build(p, 0, tiny_coco, tmp_path / "a")
     llava_source.build(p, 0, tiny_coco, tmp_path / "b")
     for name in llava_source.FILES:
@@ -149,7 +149,9 @@ def test_synthetic_build_is_deterministic_and_holds_out_val_images(tiny_coco, tm
     assert {llava.image_id(r["image"]) for r in train} == train_ids
     assert a["train"] == 12 and a["val"] == 6 and set(types) == {r["id"] for r in train + val}
     two = llava_source.build(replace(p, per_image=2), 0, tiny_coco, tmp_path / "c")
-    assert two["train"] == 24
+    assert two["train"] == 24 and two["val"] == 6
+    # per_image adds training conversations only: the held-out turns are the very same
+    assert llava.load_split(tmp_path / "c", "val")[0] == val
 
 
 def test_synthetic_refuses_a_coco_of_another_seed(tiny_coco, tmp_path):

@@ -163,15 +163,20 @@ def scenes(coco_root: str | Path, split: str, seed: int):
 
 
 def build(coco_root: str | Path, seed: int, per_image: int = 1) -> tuple[list[dict], dict[str, list[str]]]:
-    """LLaVA-format records about every image of a synthetic ``data/coco``, and each one's turn types."""
-    records, types = [], {}
+    """LLaVA-format records about every image of a synthetic ``data/coco``, and each one's turn types:
+    ``per_image`` conversations about each training image, one about each held-out (val) image. The
+    held-out set does not depend on ``per_image``, so runs with more training conversations are scored
+    on the same turns; the first conversation of an image is the same whatever ``per_image``."""
+    records, types, n_scenes = [], {}, 0
     for split in SPLITS:
+        n = per_image if split == "train" else 1
         for iid, file_name, scene in scenes(coco_root, split, seed):
-            for k in range(per_image):
+            n_scenes += 1
+            for k in range(n):
                 rng = np.random.default_rng([seed, iid, 3, k])
                 turns, kinds = dialogue(scene, rng)
-                rid = f"{iid:012d}" if per_image == 1 else f"{iid:012d}-{k}"
+                rid = f"{iid:012d}" if n == 1 else f"{iid:012d}-{k}"
                 records.append(record(rid, file_name, turns))
                 types[rid] = kinds
-    log.info("generated %d conversations about %d scenes", len(records), len(records) // per_image)
+    log.info("generated %d conversations about %d scenes", len(records), n_scenes)
     return records, types
