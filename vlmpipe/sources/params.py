@@ -116,8 +116,8 @@ class ConversationsParams:
     source: str = "synthetic"
     # A LLaVA-format JSON of your own under inputs/data/ (validated, used in place of ``source``).
     path: str = ""
-    # synthetic: conversations per COCO image.
-    per_image: int = 1
+    # synthetic: conversations per training image (held-out images get one each, whatever this is).
+    per_image: int = 5
     # llava_instruct_150k: the dataset's hub revision (a commit hash pins the file), or ``url``: a
     # mirror's URL of llava_instruct_150k.json in place of the hub's.
     revision: str = "main"
