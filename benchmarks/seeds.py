@@ -6,10 +6,15 @@ stage reads ``seed``: the data too). After each run it reads ``reports/metrics.j
 "<stage> done in Ns" lines, and keeps each run's ``dvc.lock`` beside the clone. ``--lr`` also times ``dvc exp run -S lr=...`` right after the first seed's
 run: the experiment a user tries first, which reruns the QA model and what reads it.
 
+``--stage`` (an evaluation stage, repeatable) runs ``dvc exp run STAGE ...`` instead: those stages and
+what they need, no more; the headlines are then read from those evaluations' ``reports/eval/*.json``
+(``report`` does not run, so ``reports/metrics.json`` would be the committed seed's).
+
 Usage::
 
     python benchmarks/seeds.py                         # seeds 0 1 2 of params.yaml as committed
     python benchmarks/seeds.py --set captioner.train.epochs=4 --lr 2e-4 --out seeds.json
+    python benchmarks/seeds.py --stage evaluate_chat --set conversations.per_image=1 --set chat.train.epochs=3
 
 Prints a Markdown table (metric, one column per seed, mean ± sd; the sd is the sample standard
 deviation over the seeds, n - 1) and writes the figures as JSON with ``--out``. Run it on an idle
@@ -46,6 +51,9 @@ HEADLINES = [
     ("chat.by_type.describe", "chat descriptions"),
 ]
 DONE = re.compile(r"INFO (\w+): \1 done in (\d+)s")
+# The evaluation stages and the section of reports/metrics.json each one's reports/eval file is.
+EVALUATIONS = {"evaluate_siglip": "siglip", "evaluate_qa": "vqa", "evaluate_captioner": "captioner",
+               "evaluate_chat": "chat"}
 
 
 def lookup(metrics: dict, dotted: str):
@@ -82,6 +90,13 @@ def stage_times(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in DONE.finditer(output)}
 
 
+def evaluated(clone: Path, stages) -> dict:
+    """The headline sections of the evaluation ``stages``, from their reports/eval files (what ``report``
+    copies into reports/metrics.json): after ``dvc exp run`` of those stages they are the run's."""
+    return {section: json.loads((clone / f"reports/eval/{section}.json").read_text())["metrics"]
+            for stage, section in EVALUATIONS.items() if stage in stages}
+
+
 def mean_sd(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.3f}"
@@ -112,6 +127,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a params.yaml change applied to every run, as `dvc exp run -S` takes it")
     ap.add_argument("--lr", help="also time `dvc exp run -S lr=LR` after the first seed's run")
+    ap.add_argument("--stage", action="append", default=[], choices=sorted(EVALUATIONS),
+                    help="run this evaluation and what it needs only (`dvc exp run STAGE`); repeatable")
     ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
     ap.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
@@ -123,8 +140,9 @@ def main() -> int:
     with open(work / "seeds.log", "w") as log:
         print(f"seeds: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
         for i, seed in enumerate(args.seeds):
-            out, seconds = run(["dvc", "exp", "run", "-S", f"seed={seed}", *sets], clone, log)
-            metrics = json.loads((clone / "reports/metrics.json").read_text())
+            out, seconds = run(["dvc", "exp", "run", *args.stage, "-S", f"seed={seed}", *sets], clone, log)
+            metrics = (evaluated(clone, args.stage) if args.stage
+                       else json.loads((clone / "reports/metrics.json").read_text()))
             shutil.copy(clone / "dvc.lock", work / f"dvc.lock.seed{seed}")  # what each run made, to compare
             results.append({"seed": seed, "metrics": metrics, "stage_seconds": stage_times(out),
                             "wall_seconds": round(seconds, 1)})
@@ -133,13 +151,15 @@ def main() -> int:
                 out, seconds = run(["dvc", "exp", "run", "-S", f"seed={seed}", *sets, "-S", f"lr={args.lr}"], clone, log)
                 lr_exp = {"lr": args.lr, "wall_seconds": round(seconds, 1), "stage_seconds": stage_times(out)}
                 print(f"seeds: `dvc exp run -S lr={args.lr}` in {seconds:.0f} s", file=sys.stderr)
-    print(f"Commit {commit[:10]}{', with ' + ', '.join(args.set) if args.set else ''}; seeds {args.seeds}.\n")
+    print(f"Commit {commit[:10]}{', with ' + ', '.join(args.set) if args.set else ''}; seeds {args.seeds}"
+          f"{'; up to ' + ', '.join(args.stage) if args.stage else ''}.\n")
     print(table(results))
     if lr_exp:
         print(f"\n`dvc exp run -S lr={args.lr}` (after seed {args.seeds[0]}): {lr_exp['wall_seconds']:.0f} s wall, "
               f"stages {lr_exp['stage_seconds']}")
     if args.out:
-        args.out.write_text(json.dumps({"commit": commit, "set": args.set, "runs": results, "lr_exp": lr_exp},
+        args.out.write_text(json.dumps({"commit": commit, "set": args.set, "stage": args.stage, "runs": results,
+                                        "lr_exp": lr_exp},
                                        indent=1) + "\n")
     return 0
 

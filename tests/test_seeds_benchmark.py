@@ -77,3 +77,18 @@ def test_qa_sweep_table_has_one_row_per_run():
     lines = _qa_sweep().table(runs).splitlines()
     assert lines[2] == "| base | 2 | 0.822 | 0.34 | 0.48 | 0.188 → 0.017 | 121 |"
     assert lines[3] == "| wd | 2 | 0.826 | 0.36 | nan | – | – |"
+
+
+def test_a_stage_run_reads_only_its_evaluations(tmp_path):
+    import json
+
+    m = _seeds()
+    (tmp_path / "reports/eval").mkdir(parents=True)
+    for section, score in (("chat", 0.7), ("captioner", 0.4), ("siglip", 0.9)):
+        (tmp_path / f"reports/eval/{section}.json").write_text(json.dumps({"metrics": {"score": score}, "examples": []}))
+    # siglip.json is there (the committed seed's) but evaluate_siglip did not run: it is not read
+    assert m.evaluated(tmp_path, ["evaluate_chat", "evaluate_captioner"]) == {"chat": {"score": 0.7},
+                                                                             "captioner": {"score": 0.4}}
+    assert set(m.EVALUATIONS.values()) == {"siglip", "vqa", "captioner", "chat"}
+    stages = set(__import__("yaml").safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    assert set(m.EVALUATIONS) <= stages
