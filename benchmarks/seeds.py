@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
 # (dotted key in reports/metrics.json, what it is); keys a run does not have are left out.
@@ -51,9 +53,6 @@ HEADLINES = [
     ("chat.by_type.describe", "chat descriptions"),
 ]
 DONE = re.compile(r"INFO (\w+): \1 done in (\d+)s")
-# The evaluation stages and the section of reports/metrics.json each one's reports/eval file is.
-EVALUATIONS = {"evaluate_siglip": "siglip", "evaluate_qa": "vqa", "evaluate_captioner": "captioner",
-               "evaluate_chat": "chat"}
 
 
 def lookup(metrics: dict, dotted: str):
@@ -90,11 +89,20 @@ def stage_times(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in DONE.finditer(output)}
 
 
+def evaluations(repo: Path = REPO) -> dict[str, str]:
+    """The evaluation stages of ``repo``'s dvc.yaml, each with the reports/eval file it writes (a path
+    relative to the repository); ``report`` copies each file's metrics into reports/metrics.json under
+    the file's name."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return {name: out for name, s in stages.items() for out in s.get("outs") or []
+            if isinstance(out, str) and out.startswith("reports/eval/")}
+
+
 def evaluated(clone: Path, stages) -> dict:
     """The headline sections of the evaluation ``stages``, from their reports/eval files (what ``report``
     copies into reports/metrics.json): after ``dvc exp run`` of those stages they are the run's."""
-    return {section: json.loads((clone / f"reports/eval/{section}.json").read_text())["metrics"]
-            for stage, section in EVALUATIONS.items() if stage in stages}
+    return {Path(out).stem: json.loads((clone / out).read_text())["metrics"]
+            for stage, out in evaluations(clone).items() if stage in stages}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -127,7 +135,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a params.yaml change applied to every run, as `dvc exp run -S` takes it")
     ap.add_argument("--lr", help="also time `dvc exp run -S lr=LR` after the first seed's run")
-    ap.add_argument("--stage", action="append", default=[], choices=sorted(EVALUATIONS),
+    ap.add_argument("--stage", action="append", default=[], choices=sorted(evaluations()),
                     help="run this evaluation and what it needs only (`dvc exp run STAGE`); repeatable")
     ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
     ap.add_argument("--out", type=Path, help="write the figures here as JSON")

@@ -81,14 +81,20 @@ def test_qa_sweep_table_has_one_row_per_run():
 
 def test_a_stage_run_reads_only_its_evaluations(tmp_path):
     import json
+    import shutil
+
+    from vlmpipe.evaluate.stage import SECTIONS
 
     m = _seeds()
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     (tmp_path / "reports/eval").mkdir(parents=True)
     for section, score in (("chat", 0.7), ("captioner", 0.4), ("siglip", 0.9)):
         (tmp_path / f"reports/eval/{section}.json").write_text(json.dumps({"metrics": {"score": score}, "examples": []}))
     # siglip.json is there (the committed seed's) but evaluate_siglip did not run: it is not read
     assert m.evaluated(tmp_path, ["evaluate_chat", "evaluate_captioner"]) == {"chat": {"score": 0.7},
                                                                              "captioner": {"score": 0.4}}
-    assert set(m.EVALUATIONS.values()) == {"siglip", "vqa", "captioner", "chat"}
-    stages = set(__import__("yaml").safe_load((REPO / "dvc.yaml").read_text())["stages"])
-    assert set(m.EVALUATIONS) <= stages
+    # dvc.yaml's evaluation stages write exactly the files report gathers into reports/metrics.json
+    assert m.evaluations() == {"evaluate_siglip": "reports/eval/siglip.json", "evaluate_qa": "reports/eval/vqa.json",
+                               "evaluate_captioner": "reports/eval/captioner.json",
+                               "evaluate_chat": "reports/eval/chat.json"}
+    assert {Path(out).stem for out in m.evaluations().values()} == set(SECTIONS)
