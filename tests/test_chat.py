@@ -167,8 +167,10 @@ def test_learns_to_answer_from_the_image_and_the_earlier_turn(trained):
     # The same question with the earlier turn removed cannot know which shape "it" is.
     alone = predict_turns(model, data, turns, history=False)
     assert alone != with_history
-    scores = heldout.chat_scores(model, data, turns)
+    replies: list[str] = []
+    scores = heldout.chat_scores(model, data, turns, replies=replies)
     assert scores["exact_match"] >= 0.9 and 0 < scores["val_loss"] < 1.0
+    assert replies == with_history  # the scored replies, handed back for the stage's log
 
 
 def test_save_load_gives_the_same_replies(trained):

@@ -8,7 +8,6 @@ from typing import Any
 from vlmpipe.data import features as embeddings
 from vlmpipe.data.chat import ChatDataset, coco_caches, load_conversations
 from vlmpipe.chat.heldout import chat_scores
-from vlmpipe.scoring.heldout import predict_turns
 from vlmpipe.scoring.heldout import eval_questions
 from vlmpipe.models.captioner import load_captioner
 from vlmpipe.models.chat_model import ChatModel
@@ -24,12 +23,11 @@ def chat_evaluator(val: ChatDataset, turns: list[tuple[int, int]], show: int = 2
     replies logged)."""
 
     def evaluate(model, epoch: int) -> dict[str, float]:
-        metrics = chat_scores(model, val, turns)
-        if show:
-            sample = turns[:show]
-            for (i, j), reply in zip(sample, predict_turns(model, val, sample)):
-                log.info("epoch %d: %r -> %r (truth %r)", epoch, val.conversations[i][j][0], reply,
-                         val.conversations[i][j][1])
+        replies: list[str] = []
+        metrics = chat_scores(model, val, turns, replies=replies)
+        for (i, j), reply in zip(turns[:show], replies):
+            log.info("epoch %d: %r -> %r (truth %r)", epoch, val.conversations[i][j][0], reply,
+                     val.conversations[i][j][1])
         return metrics
 
     return evaluate
