@@ -103,6 +103,32 @@ def test_labels_end_in_eos_and_mask_prefix_and_padding(world):
     torch.testing.assert_close(out["loss"], ref)
 
 
+def test_the_loss_runs_the_lm_head_on_the_targets_alone_and_matches_the_lms_own_logits(world):
+    """The loss runs GPT-2's body, then its head on the target rows only: the same loss and gradients as
+    the LM's own forward (every position's logits) read at the targets."""
+    _, feats, lm_dir = world
+    model = _new_model(lm_dir)
+    assert model._body_and_head is not None  # GPT-2: logits are head(body(x)), so the short path is taken
+    ds = _dataset(model, feats[:3], _captions(3))
+    batch = model.collate([ds[i] for i in range(6)])
+    batch["labels"][:, :3] = -100  # some positions without a target, as a prompt's are
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(batch)
+        out["loss"].backward()
+        return out, [q.grad.clone() for q in model.parameters() if q.grad is not None]
+
+    fast, fast_grads = loss_and_grads()
+    model.__dict__["_body_and_head"] = None  # as an LM with its own logits: the whole forward, then the rows
+    whole, whole_grads = loss_and_grads()
+    torch.testing.assert_close(fast["loss"], whole["loss"])
+    assert len(fast_grads) == len(whole_grads) > 0
+    for a, b in zip(fast_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert int(fast["targets"]) == int(whole["targets"]) == int((batch["labels"] != -100).sum())
+
+
 def test_freeze_lm_trains_projector_only(world):
     _, _, lm_dir = world
     model = _new_model(lm_dir, freeze_lm=True)

@@ -67,6 +67,29 @@ def test_a_frozen_base_with_lora_costs_4n_plus_the_adapters():
     assert six_n > 1.3 * want
 
 
+def test_a_prefix_lm_counts_its_head_on_the_target_positions_only():
+    """The prefix LMs run the LM head on the loss's targets alone (vlmpipe/models/lm/prefix_lm.py): the
+    formula counts it there, and counting it on every position would be off by more than the tolerance."""
+    from vlmpipe.models.lm.collate import IGNORE_INDEX
+    from vlmpipe.models.lm.prefix_lm import PrefixLM, PrefixLMConfig
+    from vlmpipe.models.lm.projector import PrefixProjector
+
+    lm = _tiny("gpt2")
+    config = PrefixLMConfig(kind="captioner", lm_source="tiny", lm_revision=None, feature_dim=32, regions=1,
+                            prefix_tokens=4, max_new_tokens=4, num_beams=1)
+    model = PrefixLM(lm, PrefixProjector(32, 1, 4, lm.config.hidden_size), None, config)
+    b, t = 3, 40
+    labels = torch.full((b, t), IGNORE_INDEX)
+    labels[:, -5:] = torch.randint(lm.config.vocab_size, (b, 5))  # a short answer after a long prompt
+    batch = {"feats": torch.randn(b, 1, 32), "input_ids": torch.randint(lm.config.vocab_size, (b, t)),
+             "attention_mask": torch.ones(b, t, dtype=torch.long), "labels": labels}
+    want = _counted(lambda: model(batch)["loss"].backward())
+    assert model.train_flops(batch) == pytest.approx(want, rel=TOL)
+    every_position = model.train_flops(batch) - model._lm_cost.train_flops(b, 4 + t, head_rows=b * 5) \
+        + model._lm_cost.train_flops(b, 4 + t)
+    assert every_position > (1 + 2 * TOL) * want
+
+
 def test_siglip_step_flops_match_the_executed_count():
     from vlmpipe.models.siglip.model import build_siglip
     from vlmpipe.siglip.params import SiglipParams

@@ -259,6 +259,33 @@ def test_4bit_model_trains_after_an_evaluation_on_every_cpu(world):
         model(batch)["loss"].backward()
 
 
+def test_the_4bit_lora_model_runs_its_head_on_the_answers_alone(world):
+    """Under PEFT, 4-bit: the loss reaches Phi's body and head past the adapter wrapper and runs the
+    head on the answer tokens only, with the loss and adapter gradients of the LM's own forward."""
+    model = build(small_params(), world["base"])
+    body, head = model._body_and_head
+    assert type(body).__name__ == "PhiModel" and head is model.lm.get_output_embeddings()
+    data = D.QADataset(model.tokenizer, world["train"][0][:6], world["train"][1][:6])
+    batch = model.collate([data[i] for i in range(6)])
+    targets = int((batch["labels"] != -100).sum())
+    assert 0 < targets < int(batch["attention_mask"].sum()) / 2  # answers are short beside their prompts
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(batch)
+        out["loss"].backward()
+        return out["loss"].detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    fast, fast_grads = loss_and_grads()
+    model.__dict__["_body_and_head"] = None  # the LM's own forward: every position's logits
+    whole, whole_grads = loss_and_grads()
+    torch.testing.assert_close(fast, whole)
+    assert fast_grads.keys() == whole_grads.keys() and any("lora_" in n for n in fast_grads)
+    for n in fast_grads:
+        torch.testing.assert_close(fast_grads[n], whole_grads[n], rtol=1e-4, atol=1e-6)
+
+
 def test_full_precision_base_for_comparison(world):
     import bitsandbytes as bnb
 

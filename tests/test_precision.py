@@ -67,7 +67,8 @@ def test_captioner_step_under_bf16_autocast(tmp_path):
     feats = torch.randn(len(caps), 1, 16).half()
     data = CaptionDataset(feats, caps, model.tokenizer, 12)
     seen = []
-    model.lm.register_forward_hook(lambda mod, args, out: seen.append(out.logits.dtype))
+    # The loss runs the LM's body, then its head on the targets: the head's output is the logits.
+    model.lm.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
     _one_step(TrainTask("captioner", model, data, model.collate), _cfg(4), tmp_path)
     assert seen and set(seen) == {torch.bfloat16}  # the LM really ran under bf16 autocast
 

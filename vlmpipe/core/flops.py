@@ -13,6 +13,9 @@ The model, written down:
   when it trains. So a trained transformer costs ``6N`` per token (nanoGPT), a frozen one that
   gradients flow through (the 4-bit Phi-2 under LoRA) ``4N + 2N_lora``, and a frozen one nothing
   before it trains (the hub text encoder of SigLIP) ``2N``.
+- An LM's output head (the vocabulary projection) counts on the positions it runs on: the prefix
+  LMs run it on the loss's target positions only (``vlmpipe/models/lm/prefix_lm.py``), a plain LM
+  on every position.
 - Attention scores and their weighted sum: ``4 * layers * d_model * T`` per token forward, three
   times that with backward (nanoGPT's ``12 L d T``, counting the causal half as computed).
 - The projector MLP: ``6P`` per image region (it runs once per region of an image, not per token).
@@ -64,27 +67,39 @@ def _matmul_weights(module: nn.Module) -> list[tuple[int, bool]]:
 class TransformerCost:
     """Per-token cost constants of a transformer (or any stack of matmuls applied per token)."""
 
-    n_all: int        # matmul weight entries applied per token
+    n_all: int        # matmul weight entries applied per token, the output head's included
     n_trainable: int  # of which train
     layers: int       # attention layers (0: none)
     d_model: int
+    n_head: int = 0   # of n_all, the output head's (an LM's vocabulary projection)
+    head_trains: bool = False
 
     @classmethod
-    def of(cls, module: nn.Module, layers: int = 0, d_model: int = 0) -> "TransformerCost":
+    def of(cls, module: nn.Module, layers: int = 0, d_model: int = 0, head: nn.Module | None = None) -> "TransformerCost":
         w = _matmul_weights(module)
-        return cls(sum(n for n, _ in w), sum(n for n, t in w if t), layers, d_model)
+        h = _matmul_weights(head) if head is not None else []
+        return cls(sum(n for n, _ in w), sum(n for n, t in w if t), layers, d_model,
+                   sum(n for n, _ in h), any(t for _, t in h))
 
     @classmethod
     def of_hf(cls, lm: nn.Module) -> "TransformerCost":
         cfg = lm.config
-        return cls.of(lm, int(cfg.num_hidden_layers), int(cfg.hidden_size))
+        return cls.of(lm, int(cfg.num_hidden_layers), int(cfg.hidden_size), lm.get_output_embeddings())
 
-    def train_flops(self, batch: int, seq: int, input_grad: bool = True) -> int:
+    def train_flops(self, batch: int, seq: int, input_grad: bool = True, head_rows: int | None = None) -> int:
         """FLOPs of one forward + backward over ``batch`` rows of ``seq`` positions. ``input_grad``:
-        gradients flow through the stack (something in or before it trains besides its last layers)."""
-        per_token = 2 * self.n_all + (2 * self.n_all if input_grad else 0) + 2 * self.n_trainable
+        gradients flow through the stack (something in or before it trains besides its last layers).
+        ``head_rows``: the output head runs on that many positions only (the loss's targets); None:
+        on every position."""
+        def per_token(n_all: int, n_trainable: int) -> int:
+            return 2 * n_all + (2 * n_all if input_grad else 0) + 2 * n_trainable
+
         attention = 4 * self.layers * self.d_model * seq * (3 if input_grad else 1)
-        return batch * seq * (per_token + attention)
+        if head_rows is None:
+            return batch * seq * (per_token(self.n_all, self.n_trainable) + attention)
+        head_trainable = self.n_head if self.head_trains else 0
+        body = per_token(self.n_all - self.n_head, self.n_trainable - head_trainable)
+        return batch * seq * (body + attention) + head_rows * per_token(self.n_head, head_trainable)
 
 
 def mlp_train_flops(module: nn.Module, batch: int) -> int:
