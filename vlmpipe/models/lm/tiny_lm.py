@@ -26,6 +26,11 @@ from vlmpipe.core.text import save_tokenizer, train_bpe_tokenizer
 log = logging.getLogger(__name__)
 
 MAX_POSITIONS = 256
+# GPT-2's and Phi-2's own activation, gelu_new, is the tanh approximation written out in seven tensor
+# operations, each with its backward; torch's gelu(approximate="tanh") is the same function (equal to
+# ~1e-7) in one kernel. Measured on a 2-core AMD EPYC (Zen 4), the chat model's training step: 111 ->
+# 92 ms. The hub models keep the activation their configs name.
+ACTIVATION = "gelu_pytorch_tanh"
 
 
 def tiny_config(kind: str, p: TinyLMParams, tok: PreTrainedTokenizerFast):
@@ -34,11 +39,11 @@ def tiny_config(kind: str, p: TinyLMParams, tok: PreTrainedTokenizerFast):
                   pad_token_id=tok.pad_token_id)
     if kind == "phi":
         return PhiConfig(hidden_size=p.hidden_size, intermediate_size=4 * p.hidden_size,
-                         num_hidden_layers=p.layers, num_attention_heads=p.heads,
+                         num_hidden_layers=p.layers, num_attention_heads=p.heads, hidden_act=ACTIVATION,
                          max_position_embeddings=MAX_POSITIONS, resid_pdrop=0.0, embd_pdrop=0.0,
                          attention_dropout=0.0, tie_word_embeddings=False, **common)
     if kind == "gpt2":
-        return GPT2Config(n_embd=p.hidden_size, n_layer=p.layers, n_head=p.heads,
+        return GPT2Config(n_embd=p.hidden_size, n_layer=p.layers, n_head=p.heads, activation_function=ACTIVATION,
                           n_positions=MAX_POSITIONS, resid_pdrop=0.0, embd_pdrop=0.0,
                           attn_pdrop=0.0, **common)
     raise ValueError(f"unknown tiny LM kind {kind!r}")
