@@ -71,6 +71,12 @@ def clone_head(work: Path) -> tuple[Path, str]:
     return clone, commit
 
 
+def committed_params(clone: Path) -> None:
+    """params.yaml back as committed: `dvc exp run -S` edits it in place and leaves the edit in the
+    workspace, so a run after ``--lr``'s would otherwise inherit its learning rate."""
+    subprocess.run(["git", "checkout", "--quiet", "HEAD", "--", "params.yaml"], cwd=clone, check=True)
+
+
 def run(cmd: list[str], cwd: Path, log, who: str = "seeds") -> tuple[str, float]:
     """Run ``cmd`` in ``cwd`` with this interpreter's environment first on PATH; (its output, seconds).
     A failure exits naming the command and the log (``who``: the benchmark that ran it)."""
@@ -148,6 +154,7 @@ def main() -> int:
     with open(work / "seeds.log", "w") as log:
         print(f"seeds: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
         for i, seed in enumerate(args.seeds):
+            committed_params(clone)  # each run: the committed params, its seed and --set, nothing else
             out, seconds = run(["dvc", "exp", "run", *args.stage, "-S", f"seed={seed}", *sets], clone, log)
             metrics = (evaluated(clone, args.stage) if args.stage
                        else json.loads((clone / "reports/metrics.json").read_text()))

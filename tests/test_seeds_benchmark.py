@@ -98,3 +98,21 @@ def test_a_stage_run_reads_only_its_evaluations(tmp_path):
                                "evaluate_captioner": "reports/eval/captioner.json",
                                "evaluate_chat": "reports/eval/chat.json"}
     assert {Path(out).stem for out in m.evaluations().values()} == set(SECTIONS)
+
+
+def test_each_seed_starts_from_the_committed_params(tmp_path):
+    """`dvc exp run -S lr=...` (the --lr timing) leaves its edit in params.yaml; the next seed's run must
+    not inherit it (it did once: seeds 1 and 2 trained the QA model at the timed experiment's lr)."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text("seed: 0\nlr: 1.0e-3\n")
+    git("add", "params.yaml")
+    git("commit", "-qm", "params")
+    (tmp_path / "params.yaml").write_text("seed: 0\nlr: 2.0e-4\n")  # as `dvc exp run -S lr=2e-4` leaves it
+    _seeds().committed_params(tmp_path)
+    assert (tmp_path / "params.yaml").read_text() == "seed: 0\nlr: 1.0e-3\n"
