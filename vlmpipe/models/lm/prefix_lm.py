@@ -113,9 +113,9 @@ class PrefixLM(nn.Module):
     def _text_logits(self, batch: Mapping[str, torch.Tensor], targets_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``text_logits``; with ``targets_only``, (logits [N, V], labels [N]) of the N target positions
         alone: the LM head (and the loss) run on those rows only. The prompt and the padding need no
-        logits, and in a conversation the targets are a fifth of the tokens: for the chat model's
-        step on a 2-core CPU that was 111 -> 100 ms (the LM head is a quarter of a tiny LM's
-        FLOPs)."""
+        logits, and in a conversation the targets are a fifth of the tokens: the chat model's step on
+        a 2-core CPU is 1.12x faster (``benchmarks/bench_lm_step.py``; the head and the softmax over
+        the vocabulary run on a fifth of the rows)."""
         dev = self.device
         ids, mask, labels = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))
         tok = self.lm.get_input_embeddings()(ids)
