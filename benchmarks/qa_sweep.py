@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from seeds import clone_head, run, stage_times  # noqa: E402 - the sibling benchmark's clone and runner
+from seeds import clone_head, committed_params, run, stage_times  # noqa: E402 - the sibling benchmark's clone and runner
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -107,8 +106,7 @@ def main() -> int:
         print(f"qa_sweep: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
         for seed in args.seeds:
             for name, sets in variants:
-                # Each run starts from the committed params: `dvc exp run -S` edits params.yaml in place.
-                subprocess.run(["git", "checkout", "--quiet", "--", "params.yaml"], cwd=clone, check=True)
+                committed_params(clone)  # each run starts from the committed params (`-S` edits them in place)
                 out, seconds = run(["dvc", "exp", "run", "train_phi2_qlora", "-S", f"seed={seed}",
                                     *[a for kv in sets for a in ("-S", kv)]], clone, log, who="qa_sweep")
                 m = json.loads((clone / "reports/phi2_vlm/metrics.json").read_text())
@@ -117,7 +115,7 @@ def main() -> int:
                                 "stage_seconds": stage_times(out).get("train_phi2_qlora")})
                 print(f"qa_sweep: {name}, seed {seed}: exact match {m['exact_match']:.3f} ({seconds:.0f} s)",
                       file=sys.stderr)
-        subprocess.run(["git", "checkout", "--quiet", "--", "params.yaml"], cwd=clone, check=True)
+        committed_params(clone)
     print(f"Commit {commit[:10]}; seeds {args.seeds}; the QA stage's own held-out questions.\n")
     print(table(results))
     if args.out:
