@@ -1,4 +1,4 @@
-"""benchmarks/seeds.py's and qa_sweep.py's reading of a run (the DAG runs themselves are the benchmark, not a test)."""
+"""benchmarks/seeds.py's, qa_sweep.py's and siglip_sweep.py's reading of a run (the DAG runs themselves are the benchmark, not a test)."""
 from __future__ import annotations
 
 import importlib.util
@@ -116,3 +116,24 @@ def test_each_seed_starts_from_the_committed_params(tmp_path):
     (tmp_path / "params.yaml").write_text("seed: 0\nlr: 2.0e-4\n")  # as `dvc exp run -S lr=2e-4` leaves it
     _seeds().committed_params(tmp_path)
     assert (tmp_path / "params.yaml").read_text() == "seed: 0\nlr: 1.0e-3\n"
+
+
+def test_siglip_sweep_reads_the_first_epoch_that_reaches_the_target(tmp_path):
+    curve = tmp_path / "val_curve.csv"
+    curve.write_text("epoch,step,zero_shot_acc,i2t_r1\n1,39,0.2,0.40\n2,78,0.5,0.91\n3,117,0.6,0.88\n4,156,0.7,0.95\n")
+    first = _benchmark("siglip_sweep").first_epoch
+    assert first(curve, "i2t_r1", 0.9) == 2        # the first crossing, not the last or the best
+    assert first(curve, "i2t_r1", 0.95) == 4
+    assert first(curve, "i2t_r1", 0.96) is None     # never reached
+    assert first(curve, "zero_shot_acc", 0.5) == 2  # any column of the curve
+
+
+def test_siglip_sweep_table_has_one_row_per_run():
+    runs = [{"variant": "base", "seed": 0, "epochs": 24, "zero_shot_acc": 0.979, "i2t_r1": 0.8499, "t2i_r1": 0.888,
+             "first_epoch": None, "stage_seconds": 141},
+            {"variant": "bs64", "seed": 1, "epochs": 24, "zero_shot_acc": 0.98, "i2t_r1": 0.956, "t2i_r1": 0.986,
+             "first_epoch": 17, "stage_seconds": None}]
+    lines = _benchmark("siglip_sweep").table(runs, 0.9).splitlines()
+    assert "first epoch with R@1 ≥ 0.9" in lines[0]
+    assert lines[2] == "| base | 0 | 0.979 | 0.850 | 0.888 | – of 24 | 141 |"
+    assert lines[3] == "| bs64 | 1 | 0.980 | 0.956 | 0.986 | 17 of 24 | – |"

@@ -1,0 +1,87 @@
+"""SigLIP's levers over seeds: ``train_siglip`` per seed and per variant, and how soon it converges.
+
+Clones this repository (its committed HEAD) into a scratch folder once and runs there, for each seed
+and each variant, ``dvc exp run train_siglip -S seed=N [-S key=value ...]``: the command a user runs.
+A seed's first run builds the data SigLIP reads (about 10 s); every run then trains SigLIP alone
+(about 2.5 minutes at the default's 24 epochs on a 2-core CPU).
+
+Per run it prints the stage's held-out scores after the last epoch (zero-shot accuracy, image→text
+and text→image R@1), the first epoch at which image→text R@1 reached ``--target``, and the stage's
+time. Usage::
+
+    python benchmarks/siglip_sweep.py --variant base --variant lr4e-3=siglip.train.lr=4e-3
+    python benchmarks/siglip_sweep.py --seeds 0 --variant bs64=siglip.train.batch_size=64 --out sweep.json
+
+A variant is NAME or NAME=KEY=VALUE[,KEY=VALUE...] (params.yaml keys, as `dvc exp run -S` takes
+them); without ``--variant`` the committed params run alone. Run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from qa_sweep import parse_variant  # noqa: E402 - the sibling sweep's variant syntax
+from seeds import clone_head, committed_params, run, stage_times  # noqa: E402 - the seeds benchmark's clone and runner
+
+
+def first_epoch(curve: Path, key: str, target: float) -> int | None:
+    """The first epoch of the validation curve ``curve`` at which ``key`` reached ``target`` (None: never)."""
+    with open(curve, newline="") as f:
+        for row in csv.DictReader(f):
+            if float(row[key]) >= target:
+                return int(row["epoch"])
+    return None
+
+
+def table(results: list[dict], target: float) -> str:
+    lines = [f"| variant | seed | zero-shot | image→text R@1 | text→image R@1 | first epoch with R@1 ≥ {target} | "
+             f"SigLIP stage, s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['zero_shot_acc']:.3f} | {r['i2t_r1']:.3f} | "
+                     f"{r['t2i_r1']:.3f} | {r['first_epoch'] or '–'} of {r['epochs']} | "
+                     f"{r['stage_seconds'] if r['stage_seconds'] is not None else '–'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[=KEY=VALUE,...]")
+    ap.add_argument("--target", type=float, default=0.9, help="the image->text R@1 whose first epoch is reported")
+    ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
+    ap.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variant] or [("committed", [])]
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-siglip-sweep-"))
+    clone, commit = clone_head(work)
+    results = []
+    with open(work / "siglip_sweep.log", "w") as log:
+        print(f"siglip_sweep: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
+        for seed in args.seeds:
+            for name, sets in variants:
+                committed_params(clone)  # each run starts from the committed params (`-S` edits them in place)
+                out, seconds = run(["dvc", "exp", "run", "train_siglip", "-S", f"seed={seed}",
+                                    *[a for kv in sets for a in ("-S", kv)]], clone, log, who="siglip_sweep")
+                m = json.loads((clone / "reports/siglip/metrics.json").read_text())
+                results.append({"variant": name, "set": sets, "seed": seed, "epochs": m["epochs"],
+                                **{k: m[k] for k in ("zero_shot_acc", "i2t_r1", "t2i_r1")},
+                                "first_epoch": first_epoch(clone / "reports/siglip/val_curve.csv", "i2t_r1", args.target),
+                                "stage_seconds": stage_times(out).get("train_siglip")})
+                print(f"siglip_sweep: {name}, seed {seed}: image->text R@1 {m['i2t_r1']:.3f} ({seconds:.0f} s)",
+                      file=sys.stderr)
+        committed_params(clone)
+    print(f"Commit {commit[:10]}; seeds {args.seeds}; the SigLIP stage's own held-out scores.\n")
+    print(table(results, args.target))
+    if args.out:
+        args.out.write_text(json.dumps({"commit": commit, "runs": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
