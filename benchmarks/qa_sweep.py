@@ -23,7 +23,6 @@ them); without ``--variant`` the committed params run alone. Run it on an idle m
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -32,17 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from seeds import clone_head, committed_params, run, stage_times  # noqa: E402 - the sibling benchmark's clone and runner
-
-
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``NAME`` or ``NAME=KEY=VALUE[,KEY=VALUE...]`` -> (name, ["KEY=VALUE", ...])."""
-    name, _, sets = text.partition("=")
-    pairs = [s for s in sets.split(",") if s] if sets else []
-    bad = [s for s in pairs if "=" not in s]
-    if not name or bad:
-        raise SystemExit(f"qa_sweep: --variant {text!r}: expected NAME or NAME=KEY=VALUE[,KEY=VALUE...]")
-    return name, pairs
+from seeds import parse_variant, sweep, sweep_parser  # noqa: E402,F401 - the seeds benchmark's sweep runner
 
 
 def variance_share(x: torch.Tensor, labels: list[str]) -> float:
@@ -91,31 +80,17 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME[=KEY=VALUE,...]")
-    ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
-    ap.add_argument("--out", type=Path, help="write the figures here as JSON")
+    ap = sweep_parser(__doc__)
     args = ap.parse_args()
-    variants = [parse_variant(v) for v in args.variant] or [("committed", [])]
+    variants = args.variant or [("committed", [])]
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-qa-sweep-"))
-    clone, commit = clone_head(work)
-    results = []
-    with open(work / "qa_sweep.log", "w") as log:
-        print(f"qa_sweep: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
-        for seed in args.seeds:
-            for name, sets in variants:
-                committed_params(clone)  # each run starts from the committed params (`-S` edits them in place)
-                out, seconds = run(["dvc", "exp", "run", "train_phi2_qlora", "-S", f"seed={seed}",
-                                    *[a for kv in sets for a in ("-S", kv)]], clone, log, who="qa_sweep")
-                m = json.loads((clone / "reports/phi2_vlm/metrics.json").read_text())
-                results.append({"variant": name, "set": sets, "seed": seed, "exact_match": m["exact_match"],
-                                "by_type": m["exact_match_by_type"], "colour_share": colour_shares(clone),
-                                "stage_seconds": stage_times(out).get("train_phi2_qlora")})
-                print(f"qa_sweep: {name}, seed {seed}: exact match {m['exact_match']:.3f} ({seconds:.0f} s)",
-                      file=sys.stderr)
-        committed_params(clone)
+
+    def read(clone: Path) -> dict:
+        m = json.loads((clone / "reports/phi2_vlm/metrics.json").read_text())
+        return {"exact_match": m["exact_match"], "by_type": m["exact_match_by_type"], "colour_share": colour_shares(clone)}
+
+    commit, results = sweep("train_phi2_qlora", args.seeds, variants, work, "qa_sweep", read)
     print(f"Commit {commit[:10]}; seeds {args.seeds}; the QA stage's own held-out questions.\n")
     print(table(results))
     if args.out:

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -93,6 +94,49 @@ def run(cmd: list[str], cwd: Path, log, who: str = "seeds") -> tuple[str, float]
 
 def stage_times(output: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in DONE.finditer(output)}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """A sweep's ``--variant``: ``NAME`` or ``NAME=KEY=VALUE[,KEY=VALUE...]`` -> (name, ["KEY=VALUE", ...])."""
+    name, _, sets = text.partition("=")
+    pairs = [s for s in sets.split(",") if s] if sets else []
+    bad = [s for s in pairs if "=" not in s]
+    if not name or bad:
+        raise SystemExit(f"--variant {text!r}: expected NAME or NAME=KEY=VALUE[,KEY=VALUE...]")
+    return name, pairs
+
+
+def sweep_parser(doc: str) -> argparse.ArgumentParser:
+    """A sweep's command line: --seeds, --variant (``parse_variant``), --workdir, --out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME[=KEY=VALUE,...]",
+                    help="NAME or NAME=KEY=VALUE[,KEY=VALUE...]; none: the committed params alone")
+    ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
+    ap.add_argument("--out", type=Path, help="write the figures here as JSON")
+    return ap
+
+
+def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], work: Path, who: str,
+          read: Callable[[Path], dict]) -> tuple[str, list[dict]]:
+    """One stage's levers (qa_sweep.py, siglip_sweep.py): in one clone of HEAD under ``work``, for each seed
+    and each (name, ["KEY=VALUE", ...]) variant, ``dvc exp run STAGE -S seed=N -S KEY=VALUE ...`` from the
+    committed params; ``read(clone)`` gives the run's figures. (the commit, one dict a run: variant, set,
+    seed, stage_seconds and what ``read`` gave)."""
+    clone, commit = clone_head(work)
+    results = []
+    with open(work / f"{who}.log", "w") as log:
+        print(f"{who}: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
+        for seed in seeds:
+            for name, sets in variants:
+                committed_params(clone)  # each run starts from the committed params (`-S` edits them in place)
+                out, seconds = run(["dvc", "exp", "run", stage, "-S", f"seed={seed}",
+                                    *[a for kv in sets for a in ("-S", kv)]], clone, log, who=who)
+                results.append({"variant": name, "set": sets, "seed": seed, **read(clone),
+                                "stage_seconds": stage_times(out).get(stage)})
+                print(f"{who}: {name}, seed {seed} ({seconds:.0f} s)", file=sys.stderr)
+        committed_params(clone)
+    return commit, results
 
 
 def evaluations(repo: Path = REPO) -> dict[str, str]:

@@ -17,7 +17,6 @@ them); without ``--variant`` the committed params run alone. Run it on an idle m
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -25,8 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from qa_sweep import parse_variant  # noqa: E402 - the sibling sweep's variant syntax
-from seeds import clone_head, committed_params, run, stage_times  # noqa: E402 - the seeds benchmark's clone and runner
+from seeds import sweep, sweep_parser  # noqa: E402 - the seeds benchmark's sweep runner
 
 
 def first_epoch(curve: Path, key: str, target: float) -> int | None:
@@ -49,33 +47,19 @@ def table(results: list[dict], target: float) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME[=KEY=VALUE,...]")
+    ap = sweep_parser(__doc__)
     ap.add_argument("--target", type=float, default=0.9, help="the image->text R@1 whose first epoch is reported")
-    ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
-    ap.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
-    variants = [parse_variant(v) for v in args.variant] or [("committed", [])]
+    variants = args.variant or [("committed", [])]
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-siglip-sweep-"))
-    clone, commit = clone_head(work)
-    results = []
-    with open(work / "siglip_sweep.log", "w") as log:
-        print(f"siglip_sweep: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
-        for seed in args.seeds:
-            for name, sets in variants:
-                committed_params(clone)  # each run starts from the committed params (`-S` edits them in place)
-                out, seconds = run(["dvc", "exp", "run", "train_siglip", "-S", f"seed={seed}",
-                                    *[a for kv in sets for a in ("-S", kv)]], clone, log, who="siglip_sweep")
-                m = json.loads((clone / "reports/siglip/metrics.json").read_text())
-                results.append({"variant": name, "set": sets, "seed": seed, "epochs": m["epochs"],
-                                **{k: m[k] for k in ("zero_shot_acc", "i2t_r1", "t2i_r1")},
-                                "first_epoch": first_epoch(clone / "reports/siglip/val_curve.csv", "i2t_r1", args.target),
-                                "stage_seconds": stage_times(out).get("train_siglip")})
-                print(f"siglip_sweep: {name}, seed {seed}: image->text R@1 {m['i2t_r1']:.3f} ({seconds:.0f} s)",
-                      file=sys.stderr)
-        committed_params(clone)
+
+    def read(clone: Path) -> dict:
+        m = json.loads((clone / "reports/siglip/metrics.json").read_text())
+        return {"epochs": m["epochs"], **{k: m[k] for k in ("zero_shot_acc", "i2t_r1", "t2i_r1")},
+                "first_epoch": first_epoch(clone / "reports/siglip/val_curve.csv", "i2t_r1", args.target)}
+
+    commit, results = sweep("train_siglip", args.seeds, variants, work, "siglip_sweep", read)
     print(f"Commit {commit[:10]}; seeds {args.seeds}; the SigLIP stage's own held-out scores.\n")
     print(table(results, args.target))
     if args.out:

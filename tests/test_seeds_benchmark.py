@@ -137,3 +137,29 @@ def test_siglip_sweep_table_has_one_row_per_run():
     assert "first epoch with R@1 ≥ 0.9" in lines[0]
     assert lines[2] == "| base | 0 | 0.979 | 0.850 | 0.888 | – of 24 | 141 |"
     assert lines[3] == "| bs64 | 1 | 0.980 | 0.956 | 0.986 | 17 of 24 | – |"
+
+
+def test_sweep_runs_each_seed_and_variant_from_the_committed_params(tmp_path, monkeypatch):
+    m = _seeds()
+    calls = []
+    monkeypatch.setattr(m, "clone_head", lambda work: (work / "repo", "abcdef1234567"))
+    monkeypatch.setattr(m, "committed_params", lambda clone: calls.append("restore"))
+
+    def fake_run(cmd, cwd, log, who):
+        calls.append(cmd)
+        return f"12:00:00 INFO {cmd[3]}: {cmd[3]} done in {len(calls)}s\n", 1.0
+
+    monkeypatch.setattr(m, "run", fake_run)
+    variants = [m.parse_variant("base"), m.parse_variant("fast=a.lr=2e-3,a.epochs=3")]
+    commit, runs = m.sweep("train_x", [0, 1], variants, tmp_path, "x_sweep", lambda clone: {"score": str(clone)})
+    assert commit == "abcdef1234567"
+    runs_cmds = [c for c in calls if c != "restore"]
+    assert runs_cmds == [["dvc", "exp", "run", "train_x", "-S", "seed=0"],
+                         ["dvc", "exp", "run", "train_x", "-S", "seed=0", "-S", "a.lr=2e-3", "-S", "a.epochs=3"],
+                         ["dvc", "exp", "run", "train_x", "-S", "seed=1"],
+                         ["dvc", "exp", "run", "train_x", "-S", "seed=1", "-S", "a.lr=2e-3", "-S", "a.epochs=3"]]
+    # the params are restored before every run (an -S edit stays in params.yaml) and once at the end
+    assert [i for i, c in enumerate(calls) if c == "restore"] == [0, 2, 4, 6, 8]
+    assert [(r["variant"], r["seed"], r["stage_seconds"]) for r in runs] == [("base", 0, 2), ("fast", 0, 4),
+                                                                             ("base", 1, 6), ("fast", 1, 8)]
+    assert runs[0]["score"] == str(tmp_path / "repo") and (tmp_path / "x_sweep.log").exists()
