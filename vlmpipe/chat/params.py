@@ -16,7 +16,7 @@ class ChatParams:
     max_new_tokens: int = 32
     # Held-out assistant turns answered by greedy generation after each epoch (exact match); 0: none.
     eval_turns: int = 300
-    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=2, batch_size=16, lr=2e-3,
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=3, batch_size=16, lr=2e-3,
                                                                    warmup_ratio=0.05, checkpoint_every=100))
 
     def validate(self, key: str) -> None:
