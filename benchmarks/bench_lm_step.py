@@ -63,7 +63,7 @@ def main() -> int:
     # The tokenizer learns from captions too, as the captioner's does: its vocabulary (the LM head's
     # width) then reaches the params' size, as in the pipeline.
     texts = [" ".join(f"{q} {a}" for q, a in t) for t in convs] + \
-        [c for _ in range(2000) for c in shapes.scene_captions(shapes.random_scene(rng), rng, 5)]
+        [cap for _ in range(2000) for cap in shapes.scene_captions(shapes.random_scene(rng), rng, 5)]
     regions, dim = c.regions, 512
     feats = torch.nn.functional.normalize(torch.randn(len(convs), regions, dim, generator=torch.Generator().manual_seed(0)),
                                           dim=-1).half()

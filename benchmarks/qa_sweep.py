@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from seeds import parse_variant, sweep, sweep_parser  # noqa: E402,F401 - the seeds benchmark's sweep runner
+from seeds import sweep, sweep_parser  # noqa: E402 - the seeds benchmark's sweep runner
 
 
 def variance_share(x: torch.Tensor, labels: list[str]) -> float:
@@ -82,15 +81,12 @@ def table(results: list[dict]) -> str:
 def main() -> int:
     ap = sweep_parser(__doc__)
     args = ap.parse_args()
-    variants = args.variant or [("committed", [])]
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-qa-sweep-"))
 
     def read(clone: Path) -> dict:
         m = json.loads((clone / "reports/phi2_vlm/metrics.json").read_text())
         return {"exact_match": m["exact_match"], "by_type": m["exact_match_by_type"], "colour_share": colour_shares(clone)}
 
-    commit, results = sweep("train_phi2_qlora", args.seeds, variants, work, "qa_sweep", read)
+    commit, results = sweep("train_phi2_qlora", args.seeds, args.variant, args.workdir, "qa_sweep", read)
     print(f"Commit {commit[:10]}; seeds {args.seeds}; the QA stage's own held-out questions.\n")
     print(table(results))
     if args.out:

@@ -106,29 +106,37 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, pairs
 
 
-def sweep_parser(doc: str) -> argparse.ArgumentParser:
-    """A sweep's command line: --seeds, --variant (``parse_variant``), --workdir, --out."""
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every DAG-running benchmark here takes: --seeds, --workdir, --out."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME[=KEY=VALUE,...]",
-                    help="NAME or NAME=KEY=VALUE[,KEY=VALUE...]; none: the committed params alone")
     ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
     ap.add_argument("--out", type=Path, help="write the figures here as JSON")
     return ap
 
 
-def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], work: Path, who: str,
+def sweep_parser(doc: str) -> argparse.ArgumentParser:
+    """A sweep's command line: ``base_parser``'s and --variant (``parse_variant``)."""
+    ap = base_parser(doc)
+    ap.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME[=KEY=VALUE,...]",
+                    help="NAME or NAME=KEY=VALUE[,KEY=VALUE...]; none: the committed params alone")
+    return ap
+
+
+def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], work: Path | None, who: str,
           read: Callable[[Path], dict]) -> tuple[str, list[dict]]:
-    """One stage's levers (qa_sweep.py, siglip_sweep.py): in one clone of HEAD under ``work``, for each seed
-    and each (name, ["KEY=VALUE", ...]) variant, ``dvc exp run STAGE -S seed=N -S KEY=VALUE ...`` from the
-    committed params; ``read(clone)`` gives the run's figures. (the commit, one dict a run: variant, set,
-    seed, stage_seconds and what ``read`` gave)."""
+    """One stage's levers (qa_sweep.py, siglip_sweep.py): in one clone of HEAD under ``work`` (None: a new
+    temporary folder), for each seed and each (name, ["KEY=VALUE", ...]) variant (none: the committed
+    params alone), ``dvc exp run STAGE -S seed=N -S KEY=VALUE ...`` from the committed params;
+    ``read(clone)`` gives the run's figures. (the commit, one dict a run: variant, set, seed,
+    stage_seconds and what ``read`` gave)."""
+    work = work or Path(tempfile.mkdtemp(prefix=f"vlmpipe-{who.replace('_', '-')}-"))
     clone, commit = clone_head(work)
     results = []
     with open(work / f"{who}.log", "w") as log:
         print(f"{who}: {commit[:10]} in {clone}; log {log.name}", file=sys.stderr)
         for seed in seeds:
-            for name, sets in variants:
+            for name, sets in variants or [("committed", [])]:
                 committed_params(clone)  # each run starts from the committed params (`-S` edits them in place)
                 out, seconds = run(["dvc", "exp", "run", stage, "-S", f"seed={seed}",
                                     *[a for kv in sets for a in ("-S", kv)]], clone, log, who=who)
@@ -180,15 +188,12 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap = base_parser(__doc__)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a params.yaml change applied to every run, as `dvc exp run -S` takes it")
     ap.add_argument("--lr", help="also time `dvc exp run -S lr=LR` after the first seed's run")
     ap.add_argument("--stage", action="append", default=[], choices=sorted(evaluations()),
                     help="run this evaluation and what it needs only (`dvc exp run STAGE`); repeatable")
-    ap.add_argument("--workdir", type=Path, help="where the clone goes (default: a new temporary folder)")
-    ap.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-seeds-"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
@@ -50,16 +49,13 @@ def main() -> int:
     ap = sweep_parser(__doc__)
     ap.add_argument("--target", type=float, default=0.9, help="the image->text R@1 whose first epoch is reported")
     args = ap.parse_args()
-    variants = args.variant or [("committed", [])]
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-siglip-sweep-"))
 
     def read(clone: Path) -> dict:
         m = json.loads((clone / "reports/siglip/metrics.json").read_text())
         return {"epochs": m["epochs"], **{k: m[k] for k in ("zero_shot_acc", "i2t_r1", "t2i_r1")},
                 "first_epoch": first_epoch(clone / "reports/siglip/val_curve.csv", "i2t_r1", args.target)}
 
-    commit, results = sweep("train_siglip", args.seeds, variants, work, "siglip_sweep", read)
+    commit, results = sweep("train_siglip", args.seeds, args.variant, args.workdir, "siglip_sweep", read)
     print(f"Commit {commit[:10]}; seeds {args.seeds}; the SigLIP stage's own held-out scores.\n")
     print(table(results, args.target))
     if args.out:

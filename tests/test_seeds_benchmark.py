@@ -58,10 +58,10 @@ def test_qa_sweep_variance_share_is_what_the_groups_explain():
     assert share(x, ["a", "b", "c", "d"]) == pytest.approx(1.0)             # every point its own group
 
 
-def test_qa_sweep_variants_are_named_param_changes():
+def test_sweep_variants_are_named_param_changes():
     import pytest
 
-    parse = _qa_sweep().parse_variant
+    parse = _seeds().parse_variant
     assert parse("base") == ("base", [])
     assert parse("wd=phi2.train.weight_decay=0.1") == ("wd", ["phi2.train.weight_decay=0.1"])
     assert parse("r64=phi2.lora_r=64,phi2.lora_alpha=128") == ("r64", ["phi2.lora_r=64", "phi2.lora_alpha=128"])
