@@ -30,7 +30,7 @@ class SiglipParams:
     # -10 and must climb several units; at 10x it barely moved in a 12-epoch offline run (zero-shot
     # stayed at chance for 6 epochs), at 100x zero-shot reached 0.8 in 6.
     logit_lr_mult: float = 100.0
-    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=24, batch_size=128, lr=2e-3, warmup_ratio=0.05,
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=32, batch_size=128, lr=2e-3, warmup_ratio=0.05,
                                                                    checkpoint_every=100))
 
     def validate(self, key: str) -> None:
