@@ -40,7 +40,7 @@ class Phi2Params:
     # Held-out questions answered by greedy generation after each epoch (exact match); 0: none.
     eval_questions: int = 500
     # The learning rate is the top-level ``lr``.
-    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=6, batch_size=32, lr=1e-3, weight_decay=0.0,
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=6, batch_size=32, lr=1e-3, weight_decay=0.1,
                                                                    warmup_ratio=0.05, grad_clip=0.5,
                                                                    checkpoint_every=100))
 
