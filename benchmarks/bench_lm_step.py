@@ -79,7 +79,7 @@ def main() -> int:
                 for block in model.lm.transformer.h:
                     block.mlp.act = ACT2FN[act]
                 if head == "every position":  # as an LM whose logits come whole: its own forward
-                    model.__dict__["_body_and_head"] = None
+                    model.head_on_targets = False
                 models[act, head] = model
         ref = models["gelu_new", "every position"]
         data = ChatDataset(ref.tokenizer, feats, list(range(len(convs))), convs, ref.window)

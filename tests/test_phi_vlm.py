@@ -278,7 +278,8 @@ def test_the_4bit_lora_model_runs_its_head_on_the_answers_alone(world):
         return out["loss"].detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
 
     fast, fast_grads = loss_and_grads()
-    model.__dict__["_body_and_head"] = None  # the LM's own forward: every position's logits
+    model.head_on_targets = False  # the LM's own forward: every position's logits
+    assert model._split_head() is None
     whole, whole_grads = loss_and_grads()
     torch.testing.assert_close(fast, whole)
     assert fast_grads.keys() == whole_grads.keys() and any("lora_" in n for n in fast_grads)

@@ -81,6 +81,9 @@ class PrefixLM(nn.Module):
         super().__init__()
         self.lm, self.projector, self.tokenizer, self.config = lm, projector, tokenizer, config
         self.model_dir: Path | None = None  # set by load
+        # False: the loss takes the LM's own forward (every position's logits) even where the head
+        # could run on the targets alone; the same loss, for comparing the two (tests, bench_lm_step.py).
+        self.head_on_targets = True
 
     @property
     def device(self) -> torch.device:
@@ -129,11 +132,15 @@ class PrefixLM(nn.Module):
         # The target positions as indices, found where the batch was made (on the host: no device sync).
         keep = tuple(i.to(dev) for i in (batch["labels"] != IGNORE_INDEX).nonzero(as_tuple=True)) \
             if targets_only else (slice(None),)
-        parts = self._body_and_head
+        parts = self._split_head()
         if parts is None:  # an LM whose forward does more than head(body): its own logits, then the rows
             return self.lm(**inputs).logits[:, k - 1:-1][keep], labels[keep]
         body, head = parts
         return head(body(**inputs).last_hidden_state[:, k - 1:-1][keep]), labels[keep]
+
+    def _split_head(self) -> tuple[nn.Module, nn.Module] | None:
+        """(body, head) when the loss runs the head on the target rows alone; None: the LM's own forward."""
+        return self._body_and_head if self.head_on_targets else None
 
     @functools.cached_property
     def _body_and_head(self) -> tuple[nn.Module, nn.Module] | None:
@@ -161,7 +168,7 @@ class PrefixLM(nn.Module):
 
         b, t = batch["input_ids"].shape
         regions = self.config.regions
-        head_rows = int((batch["labels"] != IGNORE_INDEX).sum()) if self._body_and_head is not None else None
+        head_rows = int((batch["labels"] != IGNORE_INDEX).sum()) if self._split_head() is not None else None
         return (mlp_train_flops(self.projector, b * regions)
                 + self._lm_cost.train_flops(b, self.config.prefix_tokens + t, head_rows=head_rows))
 
