@@ -64,6 +64,11 @@ def lookup(metrics: dict, dotted: str):
     return metrics
 
 
+def scratch(work: Path | None, who: str) -> Path:
+    """``work``, or a new temporary folder named after the benchmark ``who`` (--workdir's default)."""
+    return work or Path(tempfile.mkdtemp(prefix=f"vlmpipe-{who.replace('_', '-')}-"))
+
+
 def clone_head(work: Path) -> tuple[Path, str]:
     """A clone of this repository's committed HEAD in ``work``/repo, and that commit."""
     clone = work / "repo"
@@ -130,7 +135,7 @@ def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], w
     params alone), ``dvc exp run STAGE -S seed=N -S KEY=VALUE ...`` from the committed params;
     ``read(clone)`` gives the run's figures. (the commit, one dict a run: variant, set, seed,
     stage_seconds and what ``read`` gave)."""
-    work = work or Path(tempfile.mkdtemp(prefix=f"vlmpipe-{who.replace('_', '-')}-"))
+    work = scratch(work, who)
     clone, commit = clone_head(work)
     results = []
     with open(work / f"{who}.log", "w") as log:
@@ -196,7 +201,7 @@ def main() -> int:
                     help="run this evaluation and what it needs only (`dvc exp run STAGE`); repeatable")
     args = ap.parse_args()
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="vlmpipe-seeds-"))
+    work = scratch(args.workdir, "seeds")
     clone, commit = clone_head(work)
     sets = [a for kv in args.set for a in ("-S", kv)]
     results, lr_exp = [], None
