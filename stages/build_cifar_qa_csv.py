@@ -4,6 +4,8 @@ Writes data/cifar/cifar-10-batches-py/ (generated shapes, or the official md5-ve
 data/cifar_qa.csv: generated from the images and the facts table, or ``qa.csv_path`` once it validates,
 in the same columns, with its held-out images settled (``qa.split``, ``qa.heldout_fraction``).
 """
+import logging
+
 from vlmpipe.core.errors import stage_entry
 from vlmpipe.core.io import atomic_path
 from vlmpipe.core.stage import stage
@@ -21,10 +23,12 @@ def main() -> None:
         with atomic_path(CIFAR_OUT) as cifar_tmp, atomic_path(CSV_OUT) as csv_tmp:
             cifar.build(s.p.cifar, s.p.seed, cifar_tmp)
             if s.p.qa.csv_path:  # a one-line UserError on the first problem
-                qa.write_user_csv(s.p.qa.csv_path, csv_tmp, cifar_tmp, s.p.qa.split, s.p.qa.heldout_fraction,
-                                  s.p.seed)
+                df = qa.write_user_csv(s.p.qa.csv_path, csv_tmp, cifar_tmp, s.p.qa.split, s.p.qa.heldout_fraction,
+                                       s.p.seed)
             else:
-                qa.write_qa_csv(csv_tmp, cifar_tmp, s.p.seed, s.p.qa.questions_per_image)
+                df = qa.write_qa_csv(csv_tmp, cifar_tmp, s.p.seed, s.p.qa.questions_per_image)
+        # Named once in place: the scratch path it was written under is gone.
+        logging.getLogger("build_cifar_qa_csv").info("%s: %d rows", CSV_OUT, len(df))
 
 
 if __name__ == "__main__":

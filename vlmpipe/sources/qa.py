@@ -181,9 +181,7 @@ def write_qa_csv(dest: str | os.PathLike, cifar_root: str | os.PathLike, seed: i
     for split in SPLITS:
         rows += generate_rows(load_split(cifar_root, split), split, seed, questions_per_image)
     write_text(dest, _to_csv(rows))
-    df = qa_frame(rows)
-    log.info("%s: %d rows", dest, len(df))
-    return df
+    return qa_frame(rows)
 
 
 def hold_out(df: pd.DataFrame, fraction: float, seed: int, src: str | os.PathLike) -> pd.DataFrame:
@@ -217,6 +215,6 @@ def write_user_csv(src: str | os.PathLike, dest: str | os.PathLike, cifar_root: 
                                                         if held.all() else "no image is held out for evaluation"))
     columns = [*COLUMNS, HELDOUT] if HELDOUT in df.columns else COLUMNS
     write_text(dest, _to_csv(df[columns].values.tolist(), columns))
-    log.info("%s: %d rows from %s (%s), %d of them held out", dest, len(df), src,
+    log.info("%s: %d rows (%s), %d of them held out", src, len(df),
              " and ".join(f"{n} {s}" for s, n in df["Split"].value_counts().sort_index().items()), int(held.sum()))
     return df
