@@ -27,7 +27,7 @@ class CaptionerParams:
     freeze_lm: bool = False
     max_caption_tokens: int = 40
     beam_size: int = 3
-    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=5, batch_size=64, lr=2e-3, warmup_ratio=0.05,
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=24, batch_size=64, lr=2e-3, warmup_ratio=0.05,
                                                                    checkpoint_every=100))
 
     def validate(self, key: str) -> None:
