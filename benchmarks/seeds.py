@@ -129,12 +129,12 @@ def sweep_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], work: Path | None, who: str,
-          read: Callable[[Path], dict]) -> tuple[str, list[dict]]:
-    """One stage's levers (qa_sweep.py, siglip_sweep.py): in one clone of HEAD under ``work`` (None: a new
-    temporary folder), for each seed and each (name, ["KEY=VALUE", ...]) variant (none: the committed
-    params alone), ``dvc exp run STAGE -S seed=N -S KEY=VALUE ...`` from the committed params;
-    ``read(clone)`` gives the run's figures. (the commit, one dict a run: variant, set, seed,
-    stage_seconds and what ``read`` gave)."""
+          read: Callable[[Path], dict], timed: str | None = None) -> tuple[str, list[dict]]:
+    """One stage's levers (qa_sweep.py, siglip_sweep.py, captioner_sweep.py): in one clone of HEAD under
+    ``work`` (None: a new temporary folder), for each seed and each (name, ["KEY=VALUE", ...]) variant
+    (none: the committed params alone), ``dvc exp run STAGE -S seed=N -S KEY=VALUE ...`` from the
+    committed params; ``read(clone)`` gives the run's figures. (the commit, one dict a run: variant, set,
+    seed, stage_seconds of ``timed`` (default: ``stage``) and what ``read`` gave)."""
     work = scratch(work, who)
     clone, commit = clone_head(work)
     results = []
@@ -146,7 +146,7 @@ def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], w
                 out, seconds = run(["dvc", "exp", "run", stage, "-S", f"seed={seed}",
                                     *[a for kv in sets for a in ("-S", kv)]], clone, log, who=who)
                 results.append({"variant": name, "set": sets, "seed": seed, **read(clone),
-                                "stage_seconds": stage_times(out).get(stage)})
+                                "stage_seconds": stage_times(out).get(timed or stage)})
                 print(f"{who}: {name}, seed {seed} ({seconds:.0f} s)", file=sys.stderr)
         committed_params(clone)
     return commit, results

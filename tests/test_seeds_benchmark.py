@@ -1,4 +1,5 @@
-"""benchmarks/seeds.py's, qa_sweep.py's and siglip_sweep.py's reading of a run (the DAG runs themselves are the benchmark, not a test)."""
+"""benchmarks/seeds.py's and its sweeps' (qa, siglip, captioner) reading of a run (the DAG runs themselves are
+the benchmark, not a test)."""
 from __future__ import annotations
 
 import importlib.util
@@ -163,3 +164,30 @@ def test_sweep_runs_each_seed_and_variant_from_the_committed_params(tmp_path, mo
     assert [(r["variant"], r["seed"], r["stage_seconds"]) for r in runs] == [("base", 0, 2), ("fast", 0, 4),
                                                                              ("base", 1, 6), ("fast", 1, 8)]
     assert runs[0]["score"] == str(tmp_path / "repo") and (tmp_path / "x_sweep.log").exists()
+
+
+def test_captioner_sweep_table_has_one_row_per_run():
+    table = _benchmark("captioner_sweep").table
+    runs = [{"variant": "e5", "seed": 0, "scene_right": 0.492, "scene_shapes_right": 0.6844, "cider": 4.783,
+             "stage_seconds": 62},
+            {"variant": "e24", "seed": 1, "scene_right": 0.82, "scene_shapes_right": 0.9098, "cider": 5.2617,
+             "stage_seconds": None}]
+    lines = table(runs).splitlines()
+    assert lines[1] == "|---|---|---|---|---|---|" and "chat" not in lines[0]
+    assert lines[2:] == ["| e5 | 0 | 0.492 | 0.684 | 4.783 | 62 |", "| e24 | 1 | 0.820 | 0.910 | 5.262 | – |"]
+    runs[0].update(chat_exact_match=0.7081, chat_describe=0.4615)
+    runs[1].update(chat_exact_match=0.7961, chat_describe=0.9008)
+    lines = table(runs).splitlines()
+    assert "| chat exact match | chat descriptions |" in lines[0] and lines[1].count("---") == 8
+    assert lines[3] == "| e24 | 1 | 0.820 | 0.910 | 5.262 | 0.796 | 0.901 | – |"
+
+
+def test_sweep_times_the_stage_it_is_asked_to(tmp_path, monkeypatch):
+    m = _seeds()
+    monkeypatch.setattr(m, "clone_head", lambda work: (work / "repo", "abcdef1234567"))
+    monkeypatch.setattr(m, "committed_params", lambda clone: None)
+    log = "12:00:00 INFO train_x: train_x done in 300s\n12:05:00 INFO evaluate_x: evaluate_x done in 15s\n"
+    monkeypatch.setattr(m, "run", lambda cmd, cwd, log_file, who: (log, 320.0))
+    _, (timed,) = m.sweep("evaluate_x", [0], [], tmp_path, "x_sweep", lambda clone: {}, timed="train_x")
+    _, (default,) = m.sweep("evaluate_x", [0], [], tmp_path, "x_sweep", lambda clone: {})
+    assert (timed["stage_seconds"], default["stage_seconds"]) == (300, 15)
