@@ -11,8 +11,9 @@ its examples' held-out conversations (the scenes). Usage::
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import urllib.error
 import urllib.request
 
 
@@ -45,7 +46,11 @@ def marks(url: str, model: str, ids: list[str]) -> tuple[int, int, int]:
 
 
 def main(url: str) -> int:
-    info = call(f"{url}/api/info")
+    try:
+        info = call(f"{url}/api/info")
+    except (urllib.error.URLError, ValueError) as e:  # nothing listening, or not a URL
+        raise SystemExit(f"{url}: no demo server answers ({getattr(e, 'reason', e)}); start one with "
+                         "`python -m vlmpipe serve`") from None
     for model, ids in (("qa", info["qa_examples"]), ("chat", info["examples"])):
         if model not in info["dialogue"] or not ids:
             continue
@@ -56,7 +61,6 @@ def main(url: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print(__doc__)
-        raise SystemExit(2)
-    raise SystemExit(main(sys.argv[1].rstrip("/")))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("url", help="the running demo server, e.g. http://127.0.0.1:7860")
+    raise SystemExit(main(ap.parse_args().url.rstrip("/")))

@@ -367,3 +367,19 @@ def test_the_http_api_answers_bad_requests_with_one_line_and_keeps_serving(tiny_
     assert status == 200 and body["reply"].strip()
     status, body = _post(f"{demo_url}/api/example/123456789", b"")
     assert status == 400 and "not one of the demo's held-out images" in body["error"]
+
+
+def test_demo_marks_says_in_one_line_when_no_server_answers():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    res = subprocess.run([sys.executable, "benchmarks/demo_marks.py", url], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"{url}: no demo server answers ([Errno 111] Connection refused); "
+                                               "start one with `python -m vlmpipe serve`"]
