@@ -19,12 +19,11 @@ them); without ``--variant`` the committed params run alone. Run it on an idle m
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from seeds import evaluated, sweep, sweep_parser  # noqa: E402 - the seeds benchmark's sweep runner
+from seeds import evaluated, report, sweep, sweep_parser  # noqa: E402 - the seeds benchmark's sweep runner
 
 
 def table(results: list[dict]) -> str:
@@ -56,10 +55,7 @@ def main() -> int:
 
     commit, results = sweep("evaluate_chat" if args.chat else "evaluate_captioner", args.seeds, args.variant,
                             args.workdir, "captioner_sweep", read, timed="train_gpt2_captioner")
-    print(f"Commit {commit[:10]}; seeds {args.seeds}; held-out scores of each run.\n")
-    print(table(results))
-    if args.out:
-        args.out.write_text(json.dumps({"commit": commit, "runs": results}, indent=1) + "\n")
+    report(commit, args.seeds, "held-out scores of each run", table(results), results, args.out)
     return 0
 
 

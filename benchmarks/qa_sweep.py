@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from seeds import sweep, sweep_parser  # noqa: E402 - the seeds benchmark's sweep runner
+from seeds import report, sweep, sweep_parser  # noqa: E402 - the seeds benchmark's sweep runner
 
 
 def variance_share(x: torch.Tensor, labels: list[str]) -> float:
@@ -87,10 +87,7 @@ def main() -> int:
         return {"exact_match": m["exact_match"], "by_type": m["exact_match_by_type"], "colour_share": colour_shares(clone)}
 
     commit, results = sweep("train_phi2_qlora", args.seeds, args.variant, args.workdir, "qa_sweep", read)
-    print(f"Commit {commit[:10]}; seeds {args.seeds}; the QA stage's own held-out questions.\n")
-    print(table(results))
-    if args.out:
-        args.out.write_text(json.dumps({"commit": commit, "runs": results}, indent=1) + "\n")
+    report(commit, args.seeds, "the QA stage's own held-out questions", table(results), results, args.out)
     return 0
 
 

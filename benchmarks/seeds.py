@@ -152,6 +152,15 @@ def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], w
     return commit, results
 
 
+def report(commit: str, seeds: list[int], what: str, table: str, results: list[dict], out: Path | None) -> None:
+    """A sweep's output: the commit, the seeds and what was scored (``what``), ``table``, and with ``out``
+    the runs as JSON there."""
+    print(f"Commit {commit[:10]}; seeds {seeds}; {what}.\n")
+    print(table)
+    if out:
+        out.write_text(json.dumps({"commit": commit, "runs": results}, indent=1) + "\n")
+
+
 def evaluations(repo: Path = REPO) -> dict[str, str]:
     """The evaluation stages of ``repo``'s dvc.yaml, each with the reports/eval file it writes (a path
     relative to the repository); ``report`` copies each file's metrics into reports/metrics.json under

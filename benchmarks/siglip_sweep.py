@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from seeds import sweep, sweep_parser  # noqa: E402 - the seeds benchmark's sweep runner
+from seeds import report, sweep, sweep_parser  # noqa: E402 - the seeds benchmark's sweep runner
 
 
 def first_epoch(curve: Path, key: str, target: float) -> int | None:
@@ -56,10 +56,7 @@ def main() -> int:
                 "first_epoch": first_epoch(clone / "reports/siglip/val_curve.csv", "i2t_r1", args.target)}
 
     commit, results = sweep("train_siglip", args.seeds, args.variant, args.workdir, "siglip_sweep", read)
-    print(f"Commit {commit[:10]}; seeds {args.seeds}; the SigLIP stage's own held-out scores.\n")
-    print(table(results, args.target))
-    if args.out:
-        args.out.write_text(json.dumps({"commit": commit, "runs": results}, indent=1) + "\n")
+    report(commit, args.seeds, "the SigLIP stage's own held-out scores", table(results, args.target), results, args.out)
     return 0
 
 

@@ -3,6 +3,7 @@ the benchmark, not a test)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 from pathlib import Path
 
@@ -191,3 +192,10 @@ def test_sweep_times_the_stage_it_is_asked_to(tmp_path, monkeypatch):
     _, (timed,) = m.sweep("evaluate_x", [0], [], tmp_path, "x_sweep", lambda clone: {}, timed="train_x")
     _, (default,) = m.sweep("evaluate_x", [0], [], tmp_path, "x_sweep", lambda clone: {})
     assert (timed["stage_seconds"], default["stage_seconds"]) == (300, 15)
+
+
+def test_a_sweep_report_prints_the_table_and_writes_its_runs(tmp_path, capsys):
+    runs = [{"variant": "base", "seed": 0, "score": 0.5}]
+    _seeds().report("abcdef1234567", [0, 1], "the scores", "| table |", runs, tmp_path / "out.json")
+    assert capsys.readouterr().out == "Commit abcdef1234; seeds [0, 1]; the scores.\n\n| table |\n"
+    assert json.loads((tmp_path / "out.json").read_text()) == {"commit": "abcdef1234567", "runs": runs}
