@@ -66,7 +66,7 @@ def trained(world, tmp_path_factory):
     model = _new_model(lm_dir)
     train = _dataset(model, feats, caps)
     val = _dataset(model, feats[:4], caps[:4])
-    task = TrainTask("captioner", model, train, model.collate,
+    task = TrainTask("captioner", model, train, model.pack,
                      evaluate=heldout.caption_evaluator(val, feats[:4], caps[:4], show=1))
     cfg = TrainParams(epochs=12, batch_size=16, lr=1e-2, weight_decay=0.0, warmup_ratio=0.05,
                       checkpoint_every=0, device="cpu")
@@ -128,6 +128,19 @@ def test_the_loss_runs_the_lm_head_on_the_targets_alone_and_matches_the_lms_own_
     for a, b in zip(fast_grads, whole_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert int(fast["targets"]) == int(whole["targets"]) == int((batch["labels"] != -100).sum())
+
+
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(world):
+    """Training packs several captions a row (``PrefixLM.pack``): the loss, counts and gradients of the same
+    captions padded one a row, and fewer FLOPs."""
+    from test_packing import assert_packed_equals_padded
+
+    _, feats, lm_dir = world
+    model = _new_model(lm_dir)
+    ds = _dataset(model, feats[:8], _captions(8, seed=1))
+    examples = [ds[i] for i in range(len(ds))]
+    assert_packed_equals_padded(model, examples)
+    assert model.train_flops(model.pack(examples)) < model.train_flops(model.collate(examples))
 
 
 def test_freeze_lm_trains_projector_only(world):

@@ -66,7 +66,7 @@ def trained(captioner_dir, tmp_path_factory):
     model = _chat(captioner_dir)
     feats, convs, facts = _world_conversations(N)
     data = C.ChatDataset(model.tokenizer, feats, range(N), convs, model.window)
-    task = TrainTask("chat", model, data, model.collate)
+    task = TrainTask("chat", model, data, model.pack)
     fit(task, TrainParams(epochs=120, batch_size=8, lr=1e-2, weight_decay=0.0, warmup_ratio=0.05, checkpoint_every=0,
                           device="cpu"), seed=0, ckpt_dir=root / "ckpt", report_dir=root / "reports", identity={})
     model.eval()
@@ -146,6 +146,20 @@ def test_a_text_only_conversation_trains_without_an_image(captioner_dir):
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and all(torch.isfinite(q.grad).all() for q in model.parameters()
                                                if q.grad is not None)
+
+
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(captioner_dir):
+    """Conversations packed several a row, a text-only one among them: the loss, counts and gradients of
+    the same conversations padded one a row."""
+    from test_packing import assert_packed_equals_padded
+
+    model = _chat(captioner_dir)
+    feats, convs, _ = _world_conversations(6)
+    convs[3] = convs[3][:1]  # of other lengths, so rows pack
+    convs[4] = convs[4] + convs[5]
+    data = C.ChatDataset(model.tokenizer, feats, [0, 1, 2, None, 4, 5], convs, model.window)
+    assert data[3]["has_image"] is False
+    assert_packed_equals_padded(model, [data[i] for i in range(6)])
 
 
 def test_starts_as_the_captioner_and_sizes_its_window(captioner_dir):

@@ -121,7 +121,7 @@ def trained(world, tmp_path_factory):
     questions = heldout.eval_questions(val, 5 * N_TEST)
     tmp = tmp_path_factory.mktemp("fit")
     answers: list[str] = []  # the last evaluation's greedy answers, as the QA stage keeps them
-    task = TrainTask("phi2_vlm", model, train, model.collate, optimizer="paged_adamw",
+    task = TrainTask("phi2_vlm", model, train, model.pack, optimizer="paged_adamw",
                      evaluate=lambda m, epoch: qa_scores(m, val, 64, questions, answers))
     res = fit(task, p.train, seed=0, ckpt_dir=tmp / "ckpt", report_dir=tmp / "reports", identity={"test": 1})
     return {"model": model, "val": val, "questions": questions, "metrics": res.metrics, "tmp": tmp,
@@ -285,6 +285,18 @@ def test_the_4bit_lora_model_runs_its_head_on_the_answers_alone(world):
     assert fast_grads.keys() == whole_grads.keys() and any("lora_" in n for n in fast_grads)
     for n in fast_grads:
         torch.testing.assert_close(fast_grads[n], whole_grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(world):
+    """4-bit Phi under PEFT, conversations packed several a row (rotary positions restarting at each):
+    the loss, counts and adapter gradients of the same conversations padded one a row."""
+    from test_packing import assert_packed_equals_padded
+
+    model = build(small_params(), world["base"])
+    convs = [c[: 1 + i % 5] for i, c in enumerate(world["train"][1][:8])]  # 1 to 5 turns: rows pack
+    data = D.QADataset(model.tokenizer, world["train"][0][:8], convs)
+    assert_packed_equals_padded(model, [data[i] for i in range(8)])
+    assert any("lora_" in n for n, q in model.named_parameters() if q.grad is not None)
 
 
 def test_full_precision_base_for_comparison(world):

@@ -53,7 +53,7 @@ def run_stage(cp, *, seed: int, coco_root: Path, embeddings_root: Path, siglip_d
              "%.2fM trainable params (LM %s)", len(train_feats), len(train), train.num_tokens(), len(val_feats),
              len(val), sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6,
              "frozen" if cp.freeze_lm else "fine-tuned")
-    task = TrainTask("captioner", model, train, model.collate,
+    task = TrainTask("captioner", model, train, model.pack,
                      evaluate=caption_evaluator(val, val_feats, val_caps, show=min(show, 3)))
     data_id = fingerprint(*[p for p in (Path(coco_root) / "annotations", Path(embeddings_root)) if p.exists()])
     res = fit(task, cp.train, seed=seed, ckpt_dir=ckpt_dir, report_dir=report_dir,

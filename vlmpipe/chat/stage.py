@@ -47,7 +47,7 @@ def run_stage(cp, *, seed: int, captioner_dir: Path, conversations_root: Path, e
     log.info("chat: %d train conversations -> %d windows (%d tokens), %d held out; window %d text tokens; "
              "%.2fM trainable params, starting from %s", len(tturns), len(train), train.num_tokens(), len(vturns),
              model.window, sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6, captioner_dir)
-    task = TrainTask("chat", model, train, model.collate,
+    task = TrainTask("chat", model, train, model.pack,
                      evaluate=chat_evaluator(val, eval_questions(val, cp.eval_turns, seed)))
     data_id = fingerprint(conversations_root, captioner_dir,
                           *[p for p in (embeddings.path_for(embeddings_root, "coco", s) for s in ("train", "val"))

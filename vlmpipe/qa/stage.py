@@ -76,7 +76,7 @@ def run_stage(p, *, lr: float, seed: int, device: torch.device, csv_path: Path, 
     log.info("phi2_vlm: %d train / %d held-out conversations, %d Q/A turns; trainable: %.2fM LoRA + %.2fM "
              "projector, base %s in %s", len(train), len(val), sum(map(len, tr_convs)), counts["lora_params"] / 1e6,
              counts["projector_params"] / 1e6, p.base_model, "4-bit NF4" if p.load_in_4bit else "full precision")
-    task = TrainTask("phi2_vlm", model, train, model.collate, optimizer="paged_adamw",
+    task = TrainTask("phi2_vlm", model, train, model.pack, optimizer="paged_adamw",
                      param_groups=lambda m, lr: param_groups(m, lr, p.train.weight_decay, p.projector_lr_mult),
                      evaluate=lambda m, epoch: qa_scores(m, val, 64, questions, answers))
     cifar_feats = sorted(Path(embeddings_root).glob("cifar_*"))  # not the COCO files: the captioner's params

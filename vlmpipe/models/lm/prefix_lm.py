@@ -9,8 +9,8 @@ Both language models of the pipeline are this one model, specialised in a few do
 
 ``forward(batch)``: the LM reads ``[K prefix vectors][text tokens]``; the loss is the mean
 cross-entropy on the target tokens only (``labels`` != ``IGNORE_INDEX``: answers or captions
-and their EOS; never the prefix, questions or padding). Batches come from
-``vlmpipe.models.lm.collate.pad_collate``.
+and their EOS; never the prefix, questions or padding). Batches come from ``collate`` (padded, one
+example a row: evaluation) or ``pack`` (several examples a row: training), ``vlmpipe/models/lm/collate.py``.
 
 ``generate(feats, prompts)``: Hugging Face ``generate`` over ``inputs_embeds``, each row laid
 out ``[padding][prefix][prompt]`` (left padding, so every row's last position is its own).
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmpipe.core import hub
-from vlmpipe.models.lm.collate import IGNORE_INDEX, pad_collate
+from vlmpipe.models.lm.collate import IGNORE_INDEX, pack_collate, pad_collate
 from vlmpipe.core.errors import UserError
 from vlmpipe.core.io import atomic_path, read_json_file, write_json
 from vlmpipe.core.text import save_tokenizer
@@ -95,7 +95,14 @@ class PrefixLM(nn.Module):
         return int(self.tokenizer.eos_token_id if pad is None else pad)  # GPT-2 and Phi-2 have no pad token
 
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """A padded batch, one example a row (evaluation: ``text_logits`` reads it row by row)."""
         return pad_collate(examples, self.pad_token_id)
+
+    def pack(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """A packed batch, several examples a row (training: the same loss with little padding), the rows as
+        wide as this LM's cost model finds cheapest."""
+        return pack_collate(examples, self.pad_token_id, self.config.prefix_tokens,
+                            cost=lambda rows, width: self._lm_cost.train_flops(rows, width))
 
     # ---- training
 
@@ -120,23 +127,40 @@ class PrefixLM(nn.Module):
         a 2-core CPU is 1.12x faster (``benchmarks/bench_lm_step.py``; the head and the softmax over
         the vocabulary run on a fifth of the rows)."""
         dev = self.device
-        ids, mask, labels = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))
+        ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
         tok = self.lm.get_input_embeddings()(ids)
         prefix = self._prefix(batch["feats"]).to(tok.dtype)
-        b, k = prefix.shape[:2]
-        seen = mask.new_ones(b, k)
-        if "has_image" in batch:  # a text-only example's text attends to no prefix
-            seen = seen * batch["has_image"].to(dev, mask.dtype)[:, None]
-        inputs = dict(inputs_embeds=torch.cat([prefix, tok], dim=1), attention_mask=torch.cat([seen, mask], dim=1),
-                      use_cache=False)
         # The target positions as indices, found where the batch was made (on the host: no device sync).
-        keep = tuple(i.to(dev) for i in (batch["labels"] != IGNORE_INDEX).nonzero(as_tuple=True)) \
-            if targets_only else (slice(None),)
+        targets = tuple(i.to(dev) for i in (batch["labels"] != IGNORE_INDEX).nonzero(as_tuple=True))
+        if "position_ids" in batch:  # packed (pack_collate): the prefixes go into their slots
+            if not targets_only:
+                raise ValueError("a packed batch gives the target positions' logits only (text_logits: use collate)")
+            if "has_image" in batch:
+                prefix = prefix[batch["has_image"].to(dev)]
+            width = tok.shape[-1]
+            embeds = tok.reshape(-1, width).index_copy(0, batch["prefix_at"].to(dev), prefix.reshape(-1, width))
+            # No attention mask: the position ids, restarting at each sequence, keep the sequences apart.
+            inputs = dict(inputs_embeds=embeds.view_as(tok), position_ids=batch["position_ids"].to(dev),
+                          use_cache=False)
+            rows, cols = targets
+            keep, read = (rows, cols - 1), targets  # each token is predicted from the position before it
+        else:  # padded (pad_collate): [prefix][text] a row; row t of the text predicts text token t
+            mask = batch["attention_mask"].to(dev)
+            b, k = prefix.shape[:2]
+            seen = mask.new_ones(b, k)
+            if "has_image" in batch:  # a text-only example's text attends to no prefix
+                seen = seen * batch["has_image"].to(dev, mask.dtype)[:, None]
+            inputs = dict(inputs_embeds=torch.cat([prefix, tok], dim=1),
+                          attention_mask=torch.cat([seen, mask], dim=1), use_cache=False)
+            if targets_only:
+                keep, read = (targets[0], targets[1] + k - 1), targets
+            else:
+                keep, read = (slice(None), slice(k - 1, -1)), (slice(None),)
         parts = self._split_head()
         if parts is None:  # an LM whose forward does more than head(body): its own logits, then the rows
-            return self.lm(**inputs).logits[:, k - 1:-1][keep], labels[keep]
+            return self.lm(**inputs).logits[keep], labels[read]
         body, head = parts
-        return head(body(**inputs).last_hidden_state[:, k - 1:-1][keep]), labels[keep]
+        return head(body(**inputs).last_hidden_state[keep]), labels[read]
 
     def _split_head(self) -> tuple[nn.Module, nn.Module] | None:
         """(body, head) when the loss runs the head on the target rows alone; None: the LM's own forward."""
@@ -153,24 +177,26 @@ class PrefixLM(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor], reduction: str = "mean") -> dict[str, Any]:
         """Loss on the target tokens (mean per token; ``reduction="sum"`` for exact averages over many
-        batches); ``tokens`` counts the non-padding text tokens, ``targets`` the target tokens."""
+        batches) of a padded or packed batch; ``tokens`` counts the text tokens, ``targets`` the target tokens."""
         logits, targets = self._text_logits(batch, targets_only=True)
         loss = F.cross_entropy(logits.float(), targets, reduction=reduction)
         # Counts stay on the device: reading them here would make the host wait for every step.
-        return {"loss": loss, "samples": int(batch["labels"].shape[0]), "tokens": batch["attention_mask"].sum(),
+        tokens = batch["text_tokens"] if "position_ids" in batch else batch["attention_mask"].sum()
+        return {"loss": loss, "samples": int(batch["feats"].shape[0]), "tokens": tokens,
                 "targets": targets.new_tensor(targets.numel())}
 
     def train_flops(self, batch: Mapping[str, torch.Tensor]) -> int:
         """Model FLOPs of ``forward`` + backward on ``batch`` (``vlmpipe/core/flops.py``): the projector once
-        per image region, the LM over the prefix and the padded text positions, its head over the
-        target positions (or every position, for an LM whose logits come whole)."""
+        per image region, the LM over every position of the rows (prefix, text and padding; packed or
+        padded), its head over the target positions (or every position, for an LM whose logits come whole)."""
         from vlmpipe.core.flops import mlp_train_flops
 
-        b, t = batch["input_ids"].shape
-        regions = self.config.regions
+        rows, t = batch["input_ids"].shape
+        if "position_ids" not in batch:  # padded: the prefix sits outside input_ids
+            t += self.config.prefix_tokens
         head_rows = int((batch["labels"] != IGNORE_INDEX).sum()) if self._split_head() is not None else None
-        return (mlp_train_flops(self.projector, b * regions)
-                + self._lm_cost.train_flops(b, self.config.prefix_tokens + t, head_rows=head_rows))
+        return (mlp_train_flops(self.projector, int(batch["feats"].shape[0]) * self.config.regions)
+                + self._lm_cost.train_flops(rows, t, head_rows=head_rows))
 
     @functools.cached_property
     def _lm_cost(self):
