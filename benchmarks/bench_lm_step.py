@@ -32,8 +32,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from bench_lora_dropout import timed_steps  # noqa: E402 - the sibling benchmark's timed training steps
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def tiny_lm_params(doc: str):
+    """The command line of the tiny LMs' step benchmarks (this one, bench_packing.py) and the params it
+    names, quiet logging: (args, params)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
@@ -41,23 +43,30 @@ def main() -> int:
 
     import logging
 
-    from transformers.activations import ACT2FN
     from transformers.utils import logging as hf_logging
+
+    from vlmpipe.ops.preflight import load_all
+
+    logging.basicConfig(level=logging.WARNING)
+    hf_logging.disable_progress_bar()
+    p = load_all(args.params)
+    if p.captioner.lm != "tiny":
+        raise SystemExit(f"{args.params}: captioner.lm is {p.captioner.lm!r}; this benchmark builds the tiny GPT-2")
+    return args, p
+
+
+def main() -> int:
+    args, p = tiny_lm_params(__doc__)
+    from transformers.activations import ACT2FN
 
     from vlmpipe.data.chat import ChatDataset
     from vlmpipe.loop import tiny_base
     from vlmpipe.models.captioner import build_captioner
     from vlmpipe.models.chat_model import ChatModel
     from vlmpipe.models.lm.collate import IGNORE_INDEX
-    from vlmpipe.ops.preflight import load_all
     from vlmpipe.sources import scene_dialogues, shapes
 
-    logging.basicConfig(level=logging.WARNING)
-    hf_logging.disable_progress_bar()
-    p = load_all(args.params)
     c, chat = p.captioner, p.chat
-    if c.lm != "tiny":
-        raise SystemExit(f"{args.params}: captioner.lm is {c.lm!r}; this benchmark builds the tiny GPT-2")
     rng = np.random.default_rng(0)
     convs = [scene_dialogues.dialogue(shapes.random_scene(rng), rng)[0] for _ in range(1024)]
     # The tokenizer learns from captions too, as the captioner's does: its vocabulary (the LM head's

@@ -35,8 +35,10 @@ def conversations(n: int, seed: int) -> list[list[tuple[str, str]]]:
             for _ in range(n)]
 
 
-def timed_steps(model, data, batch_size: int, steps: int, seed: int) -> float:
-    """Seconds per training step over ``steps`` steps (after one untimed step)."""
+def timed_steps(model, data, batch_size: int, steps: int, seed: int, collate=None) -> float:
+    """Seconds per training step over ``steps`` steps (after one untimed step); batches from ``collate``
+    (default: the model's padded ``collate``)."""
+    collate = collate or model.collate
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     order = random.Random(seed).sample(range(len(data)), len(data))
@@ -44,7 +46,7 @@ def timed_steps(model, data, batch_size: int, steps: int, seed: int) -> float:
 
     def step(k: int) -> None:
         idx = [order[(k * batch_size + i) % len(order)] for i in range(batch_size)]
-        model(model.collate([data[i] for i in idx]))["loss"].backward()
+        model(collate([data[i] for i in idx]))["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
