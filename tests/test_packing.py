@@ -103,3 +103,39 @@ def test_the_rows_are_as_wide_as_the_cost_finds_cheapest(per_row, factor):
 def test_an_empty_batch_is_an_error():
     with pytest.raises(ValueError, match="empty batch"):
         pack_collate([], PAD, K)
+
+
+def test_one_row_holds_every_sequence_without_padding_for_a_varlen_kernel():
+    """FlashAttention-2 splits a batch into sequences only when it is one row (where positions restart at
+    0): every sequence in that row, no padding, their lengths given; a text-only example has no place."""
+    lengths = [4, 7, 2]
+    b = pack_collate(_examples(lengths), PAD, K, one_row=True)
+    assert b["input_ids"].shape == (1, sum(lengths) + K * len(lengths))
+    assert b["sequence_lengths"].tolist() == [n + K for n in lengths]
+    starts = (b["position_ids"][0] == 0).nonzero().view(-1).tolist()
+    assert starts == [0, 4 + K, 4 + K + 7 + K]  # a sequence at each restart, in example order
+    with pytest.raises(ValueError, match="text-only"):
+        pack_collate(_examples(lengths, text_only={1}), PAD, K, one_row=True)
+
+
+def test_a_flash_attention_lm_packs_one_row_and_counts_attention_within_each_sequence(monkeypatch):
+    """``PrefixLM.pack`` under FlashAttention-2: one row; ``train_flops`` counts each sequence's attention
+    over that sequence, not over the row (what the varlen kernel computes)."""
+    from types import SimpleNamespace
+
+    from vlmpipe.core.flops import TransformerCost
+    from vlmpipe.models.lm.prefix_lm import PrefixLM
+
+    cost = TransformerCost(n_all=1000, n_trainable=1000, layers=2, d_model=16, n_head=100)
+    model = SimpleNamespace(lm=SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2")),
+                            pad_token_id=PAD, config=SimpleNamespace(prefix_tokens=K, regions=2),
+                            projector=torch.nn.Linear(4, 4), _lm_cost=cost, _split_head=lambda: True)
+    model._attention = PrefixLM._attention.fget(model)
+    batch = PrefixLM.pack(model, _examples([4, 7, 2]))
+    assert batch["input_ids"].shape[0] == 1
+    targets = int((batch["labels"] != IGNORE_INDEX).sum())
+    per_sequence = sum(cost.train_flops(1, n, head_rows=0) for n in (4 + K, 7 + K, 2 + K))
+    projector = 6 * 3 * 2 * 16
+    assert PrefixLM.train_flops(model, batch) == projector + per_sequence + cost.train_flops(0, 0, head_rows=targets)
+    assert PrefixLM.train_flops(model, batch) < projector + cost.train_flops(1, batch["input_ids"].shape[1],
+                                                                              head_rows=targets)

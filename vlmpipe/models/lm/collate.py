@@ -48,11 +48,14 @@ def pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dic
 
 
 def pack_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int, prefix_tokens: int,
-                 cost: Callable[[int, int], float] | None = None) -> dict[str, torch.Tensor]:
+                 cost: Callable[[int, int], float] | None = None, one_row: bool = False) -> dict[str, torch.Tensor]:
     """The examples packed first-fit decreasing into rows, each sequence whole in one row. The rows are as
-    wide as the longest sequence times 1, 2, 3 or 4, whichever ``cost(rows, width)`` (an LM's training
-    FLOPs) finds cheapest: wider rows carry less padding but pay more for attention, which spans the row.
-    Without ``cost``: as wide as the longest sequence.
+    wide as the longest sequence or twice that, whichever ``cost(rows, width)`` (an LM's training FLOPs)
+    finds cheaper: wider rows carry less padding but pay more for attention, which spans the row (on a
+    2-core CPU 3 or 4 times as wide was slower still, more than the FLOPs say). Without ``cost``: as wide
+    as the longest sequence. ``one_row``: every sequence in one row, no padding at all
+    (FlashAttention-2's varlen kernel attends within each sequence, and only in a batch of one row);
+    ``sequence_lengths`` then gives each sequence's positions, in the row's order.
 
     Keys: ``feats`` [B, R, D] (example order); ``input_ids``, ``labels``, ``position_ids`` int64 [rows, W],
     the labels at their tokens' own positions (the prefix slots hold padding ids and no label);
@@ -69,9 +72,14 @@ def pack_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int, prefi
     lengths = [len(e["input_ids"]) for e in examples]
     image = [bool(e.get("has_image", True)) for e in examples]
     span = [n + k if im else n for n, im in zip(lengths, image)]
-    layouts = [(width, _first_fit(span, width)) for width in
-               ([max(span) * m for m in (1, 2)] if cost is not None else [max(span)])]
-    width, rows = min(layouts, key=lambda wr: cost(len(wr[1]), wr[0])) if cost is not None else layouts[0]
+    if one_row:
+        if not all(image):  # its positions do not restart at 0: a varlen kernel would join it to the one before
+            raise ValueError("pack_collate: a text-only example cannot share a one-row batch")
+        width, rows = sum(span), [list(range(len(examples)))]
+    else:
+        layouts = [(width, _first_fit(span, width)) for width in
+                   ([max(span) * m for m in (1, 2)] if cost is not None else [max(span)])]
+        width, rows = min(layouts, key=lambda wr: cost(len(wr[1]), wr[0])) if cost is not None else layouts[0]
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -99,6 +107,8 @@ def pack_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int, prefi
              "text_tokens": torch.tensor(sum(lengths))}
     if not all(image):
         batch["has_image"] = torch.tensor(image)
+    if one_row:
+        batch["sequence_lengths"] = torch.tensor(span)
     return batch
 
 

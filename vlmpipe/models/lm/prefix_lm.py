@@ -100,9 +100,18 @@ class PrefixLM(nn.Module):
 
     def pack(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """A packed batch, several examples a row (training: the same loss with little padding), the rows as
-        wide as this LM's cost model finds cheapest."""
+        wide as this LM's cost model finds cheapest; under FlashAttention-2 all in one row, which its varlen
+        kernel splits into the sequences (across several rows it would attend from one sequence to the next)."""
+        if self._attention == "flash_attention_2":
+            return pack_collate(examples, self.pad_token_id, self.config.prefix_tokens, one_row=True)
         return pack_collate(examples, self.pad_token_id, self.config.prefix_tokens,
                             cost=lambda rows, width: self._lm_cost.train_flops(rows, width))
+
+    @property
+    def _attention(self) -> str:
+        """The LM's attention implementation ("sdpa", "eager", "flash_attention_2", ...)."""
+        causal = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # under PEFT
+        return str(getattr(causal.config, "_attn_implementation", None))
 
     # ---- training
 
@@ -195,8 +204,13 @@ class PrefixLM(nn.Module):
         if "position_ids" not in batch:  # padded: the prefix sits outside input_ids
             t += self.config.prefix_tokens
         head_rows = int((batch["labels"] != IGNORE_INDEX).sum()) if self._split_head() is not None else None
-        return (mlp_train_flops(self.projector, int(batch["feats"].shape[0]) * self.config.regions)
-                + self._lm_cost.train_flops(rows, t, head_rows=head_rows))
+        projector = mlp_train_flops(self.projector, int(batch["feats"].shape[0]) * self.config.regions)
+        if "sequence_lengths" in batch:  # one row split by a varlen kernel: attention within each sequence
+            if head_rows is None:  # the head on every position
+                return projector + sum(self._lm_cost.train_flops(1, int(n)) for n in batch["sequence_lengths"])
+            lm = sum(self._lm_cost.train_flops(1, int(n), head_rows=0) for n in batch["sequence_lengths"])
+            return projector + lm + self._lm_cost.train_flops(0, 0, head_rows=head_rows)
+        return projector + self._lm_cost.train_flops(rows, t, head_rows=head_rows)
 
     @functools.cached_property
     def _lm_cost(self):
