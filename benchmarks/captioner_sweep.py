@@ -2,7 +2,7 @@
 
 Clones this repository (its committed HEAD) into a scratch folder once and runs there, for each seed
 and each variant, ``dvc exp run evaluate_captioner -S seed=N [-S key=value ...]`` (with ``--chat``:
-``evaluate_chat``, so the chat model is continued from each captioner and scored too): the command a
+``evaluate_captioner evaluate_chat``, so the chat model is continued from each captioner and scored too): the command a
 user runs. A seed's first run builds what the captioner reads (data, SigLIP, its embeddings: about 4
 minutes on a 2-core CPU); its other variants retrain the captioner alone (about 12 s an epoch) and,
 with ``--chat``, the chat model (about 3 minutes).
@@ -44,7 +44,8 @@ def main() -> int:
     ap = sweep_parser(__doc__)
     ap.add_argument("--chat", action="store_true", help="continue the chat model from each captioner and score it")
     args = ap.parse_args()
-    stages = {"evaluate_captioner", "evaluate_chat"} if args.chat else {"evaluate_captioner"}
+    # With --chat both evaluations are targets: evaluate_chat does not depend on evaluate_captioner.
+    stages = ["evaluate_captioner", "evaluate_chat"] if args.chat else ["evaluate_captioner"]
 
     def read(clone: Path) -> dict:
         m = evaluated(clone, stages)
@@ -53,8 +54,8 @@ def main() -> int:
             out.update(chat_exact_match=m["chat"]["exact_match"], chat_describe=m["chat"]["by_type"]["describe"])
         return out
 
-    commit, results = sweep("evaluate_chat" if args.chat else "evaluate_captioner", args.seeds, args.variant,
-                            args.workdir, "captioner_sweep", read, timed="train_gpt2_captioner")
+    commit, results = sweep(stages, args.seeds, args.variant, args.workdir, "captioner_sweep", read,
+                            timed="train_gpt2_captioner")
     report(commit, args.seeds, "held-out scores of each run", table(results), results, args.out)
     return 0
 

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import yaml
 
@@ -128,13 +128,15 @@ def sweep_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], work: Path | None, who: str,
-          read: Callable[[Path], dict], timed: str | None = None) -> tuple[str, list[dict]]:
+def sweep(stage: str | Sequence[str], seeds: list[int], variants: list[tuple[str, list[str]]], work: Path | None,
+          who: str, read: Callable[[Path], dict], timed: str | None = None) -> tuple[str, list[dict]]:
     """One stage's levers (qa_sweep.py, siglip_sweep.py, captioner_sweep.py): in one clone of HEAD under
     ``work`` (None: a new temporary folder), for each seed and each (name, ["KEY=VALUE", ...]) variant
-    (none: the committed params alone), ``dvc exp run STAGE -S seed=N -S KEY=VALUE ...`` from the
-    committed params; ``read(clone)`` gives the run's figures. (the commit, one dict a run: variant, set,
-    seed, stage_seconds of ``timed`` (default: ``stage``) and what ``read`` gave)."""
+    (none: the committed params alone), ``dvc exp run STAGE [STAGE ...] -S seed=N -S KEY=VALUE ...`` from
+    the committed params (``stage``: one stage or several, each run with what it depends on);
+    ``read(clone)`` gives the run's figures. (the commit, one dict a run: variant, set, seed, stage_seconds
+    of ``timed`` (default: ``stage``, the first of several) and what ``read`` gave)."""
+    stages = [stage] if isinstance(stage, str) else list(stage)
     work = scratch(work, who)
     clone, commit = clone_head(work)
     results = []
@@ -143,10 +145,10 @@ def sweep(stage: str, seeds: list[int], variants: list[tuple[str, list[str]]], w
         for seed in seeds:
             for name, sets in variants or [("committed", [])]:
                 committed_params(clone)  # each run starts from the committed params (`-S` edits them in place)
-                out, seconds = run(["dvc", "exp", "run", stage, "-S", f"seed={seed}",
+                out, seconds = run(["dvc", "exp", "run", *stages, "-S", f"seed={seed}",
                                     *[a for kv in sets for a in ("-S", kv)]], clone, log, who=who)
                 results.append({"variant": name, "set": sets, "seed": seed, **read(clone),
-                                "stage_seconds": stage_times(out).get(timed or stage)})
+                                "stage_seconds": stage_times(out).get(timed or stages[0])})
                 print(f"{who}: {name}, seed {seed} ({seconds:.0f} s)", file=sys.stderr)
         committed_params(clone)
     return commit, results

@@ -183,6 +183,20 @@ def test_captioner_sweep_table_has_one_row_per_run():
     assert lines[3] == "| e24 | 1 | 0.820 | 0.910 | 5.262 | 0.796 | 0.901 | – |"
 
 
+def test_a_sweep_of_several_stages_runs_them_in_one_experiment(tmp_path, monkeypatch):
+    """captioner_sweep --chat scores the captioner and the chat model: evaluate_chat does not depend on
+    evaluate_captioner, so both are targets of each run, and the first is timed unless told otherwise."""
+    m = _seeds()
+    calls = []
+    monkeypatch.setattr(m, "clone_head", lambda work: (work / "repo", "abcdef1234567"))
+    monkeypatch.setattr(m, "committed_params", lambda clone: None)
+    log = "12:00:00 INFO evaluate_a: evaluate_a done in 15s\n12:05:00 INFO evaluate_b: evaluate_b done in 9s\n"
+    monkeypatch.setattr(m, "run", lambda cmd, cwd, log_file, who: (calls.append(cmd), (log, 30.0))[1])
+    _, (run,) = m.sweep(["evaluate_a", "evaluate_b"], [2], [], tmp_path, "x_sweep", lambda clone: {})
+    assert calls == [["dvc", "exp", "run", "evaluate_a", "evaluate_b", "-S", "seed=2"]]
+    assert run["stage_seconds"] == 15
+
+
 def test_sweep_times_the_stage_it_is_asked_to(tmp_path, monkeypatch):
     m = _seeds()
     monkeypatch.setattr(m, "clone_head", lambda work: (work / "repo", "abcdef1234567"))
